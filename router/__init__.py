@@ -1,0 +1,1 @@
+"""Relay Segment-spec analytics calls to Infinario."""

@@ -1,0 +1,205 @@
+"""The two Infinario wire dialects: encode requests, read per-command results.
+
+Pure (no I/O), like h11: the sender does the HTTP and asks a dialect what the
+answer means.
+
+    legacy  POST {base}/bulk                                    crm/events, crm/customers
+    v2      POST {base}/track/v2/projects/{token}/batch         customers/events, customers
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import msgspec
+
+from .commands import Command
+
+MAX_COMMANDS = 50
+
+Outcome = Literal["ok", "retry", "error"]
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """Infinario's answer for one command."""
+
+    outcome: Outcome
+    errors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a whole HTTP answer means.
+
+    ``results`` is set when the request was processed (one per command; a
+    missing tail is filled with ``retry``). Otherwise ``retry`` says whether to
+    send the whole request again, ``auth`` marks bad credentials, and
+    ``retry_after`` carries the server's ``Retry-After`` in seconds.
+    """
+
+    results: tuple[Result, ...] | None = None
+    retry: bool = False
+    auth: bool = False
+    retry_after: float | None = None
+    reason: str = ""
+
+
+class Dialect(Protocol):
+    name: str
+
+    def url(self, base: str, project: str) -> str: ...
+
+    def body(self, commands: Sequence[Command]) -> bytes: ...
+
+    def headers(self, project: str) -> dict[str, str]: ...
+
+    def verdict(
+        self, status: int, body: bytes, count: int, retry_after: str | None
+    ) -> Verdict: ...
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, min(float(value), 3600.0))
+    except ValueError:
+        return None
+
+
+def _transport_verdict(status: int, body: bytes, retry_after: str | None) -> Verdict | None:
+    """Statuses whose meaning is the same in both dialects."""
+    if status == 429 or status >= 500:
+        return Verdict(retry=True, retry_after=parse_retry_after(retry_after),
+                       reason=f"HTTP {status}")
+    return None
+
+
+def _fill(results: list[Result], count: int) -> tuple[Result, ...]:
+    # A result missing at the tail means Infinario did not get to that command.
+    if len(results) < count:
+        results = results + [Result("retry", ("no result returned",))] * (count - len(results))
+    return tuple(results[:count])
+
+
+def _errors(value: Any) -> tuple[str, ...]:
+    if isinstance(value, list):
+        return tuple(str(e) for e in value)
+    if value is None:
+        return ()
+    return (str(value),)
+
+
+class Legacy:
+    """The legacy Infinario tracking API: ``/bulk``, project token in every command."""
+
+    name = "legacy"
+
+    def url(self, base: str, project: str) -> str:
+        return base.rstrip("/") + "/bulk"
+
+    def headers(self, project: str) -> dict[str, str]:
+        return {"Content-Type": "application/json"}
+
+    def body(self, commands: Sequence[Command]) -> bytes:
+        out = []
+        for c in commands:
+            if c.kind == "event":
+                out.append({"name": "crm/events", "data": {
+                    "customer_ids": c.ids, "project_id": c.project, "type": c.event_type,
+                    "properties": c.properties, "timestamp": c.timestamp}})
+            else:
+                out.append({"name": "crm/customers", "data": {
+                    "ids": c.ids, "project_id": c.project, "properties": c.properties}})
+        return _encode({"commands": out})
+
+    def verdict(self, status: int, body: bytes, count: int, retry_after: str | None) -> Verdict:
+        transport = _transport_verdict(status, body, retry_after)
+        if transport is not None:
+            return transport
+        if status != 200:
+            return Verdict(reason=f"HTTP {status}: {body[:200].decode(errors='replace')}")
+        try:
+            data = _decode(body)
+            raw = data["results"]
+            assert isinstance(raw, list)
+        except Exception:
+            return Verdict(retry=True, reason="unreadable answer from Infinario")
+        results = []
+        for item in raw:
+            status_text = item.get("status") if isinstance(item, dict) else None
+            if status_text == "ok":
+                results.append(Result("ok"))
+            elif status_text == "retry":
+                results.append(Result("retry"))
+            else:
+                errors = _errors(item.get("errors") if isinstance(item, dict) else item)
+                results.append(Result("error", errors or (f"status {status_text!r}",)))
+        return Verdict(results=_fill(results, count))
+
+
+class V2:
+    """Bloomreach Engagement tracking API v2: one project per request, auth header."""
+
+    name = "v2"
+
+    def __init__(self, auth: dict[str, str | None]) -> None:
+        # project token -> Authorization header value (None: not configured)
+        self.auth = auth
+
+    def url(self, base: str, project: str) -> str:
+        return f"{base.rstrip('/')}/track/v2/projects/{project}/batch"
+
+    def headers(self, project: str) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        value = self.auth.get(project)
+        if value:
+            headers["Authorization"] = value
+        return headers
+
+    def body(self, commands: Sequence[Command]) -> bytes:
+        out = []
+        for c in commands:
+            if c.kind == "event":
+                out.append({"name": "customers/events", "data": {
+                    "customer_ids": c.ids, "event_type": c.event_type,
+                    "timestamp": c.timestamp, "properties": c.properties}})
+            else:
+                # Commands in one v2 batch run in no guaranteed order:
+                # update_timestamp keeps an older update from winning.
+                out.append({"name": "customers", "data": {
+                    "customer_ids": c.ids, "properties": c.properties,
+                    "update_timestamp": c.timestamp}})
+        return _encode({"commands": out})
+
+    def verdict(self, status: int, body: bytes, count: int, retry_after: str | None) -> Verdict:
+        transport = _transport_verdict(status, body, retry_after)
+        if transport is not None:
+            return transport
+        try:
+            data = _decode(body)
+        except Exception:
+            data = None
+        if status != 200:
+            text = body[:300].decode(errors="replace")
+            if status in (400, 401, 403) and "authenticate" in text.lower():
+                return Verdict(auth=True, reason=f"HTTP {status}: Could not authenticate")
+            if status in (401, 403):
+                return Verdict(auth=True, reason=f"HTTP {status}: {text}")
+            return Verdict(reason=f"HTTP {status}: {text}")
+        if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+            return Verdict(retry=True, reason="unreadable answer from Infinario")
+        results = []
+        for item in data["results"]:
+            if isinstance(item, dict) and item.get("success") is True:
+                results.append(Result("ok"))
+            else:
+                errors = _errors(item.get("errors") if isinstance(item, dict) else item)
+                results.append(Result("error", errors or ("success: false",)))
+        return Verdict(results=_fill(results, count))

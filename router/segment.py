@@ -1,0 +1,212 @@
+"""Segment messages: parsing, validation, id coercion and the time fix-up.
+
+Messages stay plain dicts decoded straight from JSON, so every field a client
+sent survives to the journal unchanged; validation only normalises what the
+spec says to (ids to strings, a filled ``messageId``) and adds ``_time``, the
+event time in POSIX seconds that the rest of the pipeline uses.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from .errors import Rejected
+
+MESSAGE_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
+MAX_MESSAGE_BYTES = 32 * 1024
+MAX_REQUEST_BYTES = 500 * 1024
+MAX_BATCH_MESSAGES = 2500
+MAX_MESSAGE_ID = 100
+
+TIME_KEY = "_time"
+
+_decoder = msgspec.json.Decoder()
+
+
+class Envelope(msgspec.Struct):
+    """A ``/v1/batch`` body; items stay raw so each is sized and decoded alone."""
+
+    batch: list[msgspec.Raw]
+    context: dict[str, Any] | None = None
+    integrations: dict[str, Any] | None = None
+    sentAt: Any = None
+    writeKey: Any = None
+
+
+_envelope_decoder = msgspec.json.Decoder(Envelope)
+
+
+def decode_json(body: bytes) -> Any:
+    try:
+        return _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise Rejected("invalid_json", f"request body is not valid JSON: {exc}") from None
+
+
+def decode_envelope(body: bytes) -> Envelope:
+    try:
+        return _envelope_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if "missing required field `batch`" in text:
+            raise Rejected("missing_batch", "batch request needs a 'batch' array") from None
+        if text.startswith("Expected `object`"):
+            raise Rejected("invalid_body", "request body must be a JSON object") from None
+        raise Rejected("invalid_batch", f"batch request is malformed: {text}") from None
+    except msgspec.DecodeError as exc:
+        raise Rejected("invalid_json", f"request body is not valid JSON: {exc}") from None
+
+
+def decode_item(raw: msgspec.Raw) -> Any:
+    """One batch item; its size limit is checked on its own encoded bytes."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise Rejected(
+            "message_too_large",
+            f"message is {len(raw)} bytes; the limit is {MAX_MESSAGE_BYTES} bytes",
+        )
+    return _decoder.decode(raw)
+
+
+# --- time ------------------------------------------------------------------------------------
+
+
+def parse_time(value: Any, field: str) -> float:
+    """ISO-8601 string (or a POSIX number) -> POSIX seconds; naive times are UTC."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise Rejected(
+                "invalid_timestamp", f"{field} is not an ISO-8601 timestamp: {value!r}"
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise Rejected("invalid_timestamp", f"{field} must be an ISO-8601 string, got {value!r}")
+
+
+def event_time(message: dict[str, Any], received_at: float, sent_at: Any) -> float:
+    """The spec's time fix-up.
+
+    An explicit ``timestamp`` wins. Without one, a client clock is corrected by
+    the skew it shows between ``sentAt`` and ``originalTimestamp``:
+    ``receivedAt - (sentAt - originalTimestamp)``. Otherwise ``receivedAt``.
+    """
+    timestamp = message.get("timestamp")
+    original = message.get("originalTimestamp")
+    sent = message.get("sentAt", sent_at)
+    original_at = parse_time(original, "originalTimestamp") if original is not None else None
+    sent_time = parse_time(sent, "sentAt") if sent is not None else None
+    if timestamp is not None:
+        return parse_time(timestamp, "timestamp")
+    if original_at is not None and sent_time is not None:
+        return received_at - (sent_time - original_at)
+    return received_at
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def coerce_id(message: dict[str, Any], field: str, *, required: bool) -> str | None:
+    value = message.get(field)
+    if value is None:
+        if required:
+            raise Rejected("missing_id", f"{field} is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise Rejected("invalid_id", f"{field} must be a string, got {type(value).__name__}")
+    if not isinstance(value, str):
+        value = str(value)
+        message[field] = value
+    if not value.strip():
+        raise Rejected("invalid_id", f"{field} must be a non-empty string")
+    return value
+
+
+def _object_field(message: dict[str, Any], field: str) -> None:
+    value = message.get(field)
+    if value is not None and not isinstance(value, dict):
+        raise Rejected("invalid_field", f"{field} must be an object, got {type(value).__name__}")
+
+
+def validate(
+    message: Any,
+    *,
+    type_: str | None,
+    received_at: float,
+    sent_at: Any = None,
+) -> dict[str, Any]:
+    """Check and normalise one message in place; raise ``Rejected`` with a reason."""
+    if not isinstance(message, dict):
+        raise Rejected("invalid_message", "message must be a JSON object")
+    kind = message.get("type") if type_ is None else type_
+    if kind not in MESSAGE_TYPES:
+        raise Rejected(
+            "invalid_type",
+            f"type must be one of {', '.join(sorted(MESSAGE_TYPES))}, got {kind!r}",
+        )
+    message["type"] = kind
+
+    if kind == "alias":
+        coerce_id(message, "userId", required=True)
+        coerce_id(message, "previousId", required=True)
+        coerce_id(message, "anonymousId", required=False)
+    else:
+        user = coerce_id(message, "userId", required=False)
+        anon = coerce_id(message, "anonymousId", required=False)
+        if user is None and anon is None:
+            raise Rejected("missing_id", "userId or anonymousId is required")
+
+    if kind == "track":
+        event = message.get("event")
+        if not isinstance(event, str) or not event.strip():
+            raise Rejected("missing_event", "track needs a non-empty 'event' string")
+    elif kind == "group":
+        coerce_id(message, "groupId", required=True)
+    elif kind in ("page", "screen"):
+        for field in ("name", "category"):
+            value = message.get(field)
+            if value is not None and not isinstance(value, str):
+                raise Rejected("invalid_field", f"{field} must be a string")
+
+    for field in ("properties", "traits", "context", "integrations"):
+        _object_field(message, field)
+
+    message_id = message.get("messageId")
+    if message_id is None or message_id == "":
+        message["messageId"] = str(uuid.uuid4())
+    else:
+        if isinstance(message_id, int | float) and not isinstance(message_id, bool):
+            message_id = message["messageId"] = str(message_id)
+        if not isinstance(message_id, str):
+            raise Rejected("invalid_message_id", "messageId must be a string")
+        if len(message_id) > MAX_MESSAGE_ID:
+            raise Rejected(
+                "invalid_message_id",
+                f"messageId is {len(message_id)} characters; the limit is {MAX_MESSAGE_ID}",
+            )
+
+    message[TIME_KEY] = event_time(message, received_at, sent_at)
+    return message
+
+
+def merge_envelope(item: Any, envelope: Envelope) -> Any:
+    """Batch ``context`` and ``integrations`` apply to every item; the item's keys win."""
+    if not isinstance(item, dict):
+        return item
+    for field in ("context", "integrations"):
+        shared = getattr(envelope, field)
+        if shared:
+            own = item.get(field)
+            if own is None:
+                item[field] = dict(shared)
+            elif isinstance(own, dict):
+                item[field] = {**shared, **own}
+    return item
