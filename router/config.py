@@ -68,6 +68,8 @@ class Config:
     active_customers: int = 100_000
 
     def __post_init__(self) -> None:
+        if not isinstance(self.data_dir, Path):
+            object.__setattr__(self, "data_dir", Path(self.data_dir))
         validate(self)
 
     def with_(self, **changes: Any) -> Config:

@@ -83,9 +83,9 @@ def _flatten(obj: Mapping[str, Any], skip: frozenset[str]) -> dict[str, Any]:
             prefix = key + "_"
             for sub_key, sub_value in value.items():
                 flat_key = prefix + sub_key
-                # Not overwriting keeps the first flattened key, and a later
-                # top-level key still overwrites below: either way the
-                # explicitly set top-level key wins.
+                # Skipping taken names lets an earlier top-level key (or an
+                # earlier flattened one) win; a later top-level key wins by
+                # overwriting unconditionally below.
                 if flat_key not in out:
                     out[flat_key] = sub_value
         else:
@@ -120,8 +120,8 @@ def sanitize(props: dict[str, Any]) -> tuple[dict[str, Any], int]:
             if new_key not in out:
                 out[new_key] = value
         else:
-            # Unconditional, so a clean key overwrites a sanitized one that
-            # came earlier in order and keeps its value.
+            # Unconditional, so a clean key also replaces a sanitized key of
+            # the same name that came earlier.
             out[key] = value
     return out, changed
 
@@ -132,7 +132,8 @@ def clean_properties(raw: Mapping[str, Any] | None) -> tuple[dict[str, Any], int
     Flattening first means keys of unpacked objects are sanitized too. Anything
     that is not a mapping (a malformed payload) yields no properties.
     """
-    if not isinstance(raw, Mapping):
+    # The exact-type test first spares the common case the slower ABC check.
+    if type(raw) is not dict and not isinstance(raw, Mapping):
         return {}, 0
     return sanitize(flatten(raw))
 
@@ -144,7 +145,7 @@ def context_extras(context: Mapping[str, Any] | None) -> tuple[dict[str, Any], i
     becomes ``os_name`` and ``page.url`` becomes ``page_url``. The dict is
     always new, never ``context`` itself.
     """
-    if not isinstance(context, Mapping):
+    if type(context) is not dict and not isinstance(context, Mapping):
         return {}, 0
     extras, changed = sanitize(_flatten(context, CONTEXT_EXCLUDED))
     return extras, changed
