@@ -66,6 +66,8 @@ class Config:
     simulate: bool = False
     # Customers kept in memory before idle ones hibernate to the store.
     active_customers: int = 100_000
+    # Commands each sender lane holds in memory; the rest wait in the outbox on disk.
+    lane_window: int = 2000
 
     def __post_init__(self) -> None:
         if not isinstance(self.data_dir, Path):
@@ -129,6 +131,7 @@ def validate(config: Config) -> None:
         "max-event-keys": config.max_event_keys,
         "max-event-types": config.max_event_types,
         "active-customers": config.active_customers,
+        "lane-window": config.lane_window,
     }
     for name, value in positive.items():
         if not value > 0:
@@ -174,6 +177,7 @@ _FIELD_TYPES: dict[str, str] = {
     "log_level": "str",
     "simulate": "bool",
     "active_customers": "int",
+    "lane_window": "int",
 }
 # Settings that take several values: a list in TOML, repeated flags, commas in the environment.
 _MULTI = ("write_key", "rename")

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import msgspec
 import structlog
+import trio
 
 from . import segment
 from .errors import Rejected
@@ -27,6 +28,11 @@ log = structlog.get_logger("router.intake")
 SINGLE_PATHS = {f"/v1/{kind}": kind for kind in segment.MESSAGE_TYPES}
 BATCH_PATHS = frozenset({"/v1/batch", "/v1/import"})
 RETRY_AFTER = "2"
+# A refused request's unread body is drained up to this much so the connection
+# can serve the next request; past it the answer says ``Connection: close``.
+DRAIN_BYTES = 1024 * 1024
+DRAIN_SECONDS = 5.0
+CLOSE = (b"connection", b"close")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -72,8 +78,47 @@ class BodyTooLarge(Rejected):
         super().__init__("body_too_large", f"request body exceeds the {limit // 1024} KB limit")
 
 
+class BodyStream:
+    """``receive`` for one request body, remembering whether the body has ended.
+
+    When a request is refused before its body was read in full, the rest must
+    be drained (or the connection closed): otherwise the client may reuse a
+    connection the server is about to drop, or lose the answer to a reset.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.done = False
+
+    async def __call__(self) -> dict[str, Any]:
+        event = await self._receive()
+        if event["type"] != "http.request" or not event.get("more_body", False):
+            self.done = True
+        return event
+
+    async def drain(self, limit: int, seconds: float) -> bool:
+        """Discard the rest of the body; False if it is longer or slower than allowed."""
+        if self.done:
+            return True
+        size = 0
+        with trio.move_on_after(seconds):
+            while not self.done:
+                event = await self()
+                size += len(event.get("body", b""))
+                if size > limit:
+                    return False
+            return True
+        return False
+
+
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """Read the request body, inflating gzip/deflate, never past ``limit`` bytes."""
+    """Read the request body, inflating gzip/deflate, never past ``limit`` bytes.
+
+    The limit holds on the inflated size, checked as the body streams in, so a
+    compressed bomb is refused after inflating at most ``limit + 1`` bytes. The
+    compressed bytes are capped too (at twice the limit: real payloads compress),
+    so a stream of empty gzip members or trailing junk cannot run on forever.
+    """
     encoding = ""
     length: int | None = None
     for name, value in scope.get("headers", ()):
@@ -84,17 +129,20 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
                 length = int(value)
             except ValueError:
                 raise Rejected("invalid_header", "Content-Length is not a number") from None
+    wbits: int | None
     if encoding in ("", "identity"):
-        inflater = None
+        wbits = None
     elif encoding in ("gzip", "x-gzip"):
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        wbits = 16 + zlib.MAX_WBITS
     elif encoding == "deflate":
-        inflater = zlib.decompressobj()
+        wbits = zlib.MAX_WBITS
     else:
         raise Rejected("unsupported_encoding", f"Content-Encoding {encoding!r} is not supported; "
                        "send gzip or no encoding")
-    if inflater is None and length is not None and length > limit:
+    raw_limit = limit if wbits is None else 2 * limit
+    if length is not None and length > raw_limit:
         raise BodyTooLarge(limit)
+    inflater = None if wbits is None else zlib.decompressobj(wbits)
     parts: list[bytes] = []
     size = 0
     raw = 0
@@ -104,22 +152,30 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise Rejected("disconnected", "client went away")
         chunk: bytes = event.get("body", b"")
         raw += len(chunk)
-        if raw > limit and inflater is None:
+        if raw > raw_limit:
             raise BodyTooLarge(limit)
-        if chunk:
-            if inflater is not None:
+        if inflater is None or wbits is None:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(limit)
+            if chunk:
+                parts.append(chunk)
+        else:
+            while chunk:
+                if inflater.eof:
+                    # Concatenated gzip members form one body (RFC 1952); anything
+                    # else after the end fails the next member's header check.
+                    inflater = zlib.decompressobj(wbits)
                 try:
                     data = inflater.decompress(chunk, limit + 1 - size)
                 except zlib.error as exc:
-                    raise Rejected("invalid_body", f"body is not valid {encoding}: {exc}") from None
-                if inflater.unconsumed_tail:
+                    raise Rejected(
+                        "invalid_body", f"body is not valid {encoding}: {exc}") from None
+                size += len(data)
+                if size > limit or inflater.unconsumed_tail:
                     raise BodyTooLarge(limit)
-            else:
-                data = chunk
-            size += len(data)
-            if size > limit:
-                raise BodyTooLarge(limit)
-            parts.append(data)
+                parts.append(data)
+                chunk = inflater.unused_data if inflater.eof else b""
         if not event.get("more_body", False):
             break
     if inflater is not None:
@@ -200,12 +256,13 @@ class Intake:
         if not pipeline.accepting:
             self.metrics.inc("overloaded_total", reason="shutting_down")
             return 503, {"code": "unavailable", "message": "the relay is shutting down; retry"}, [
-                (b"retry-after", RETRY_AFTER.encode())]
+                (b"retry-after", RETRY_AFTER.encode()), CLOSE]
         single = SINGLE_PATHS.get(path)
         limit = segment.MAX_MESSAGE_BYTES if single else segment.MAX_REQUEST_BYTES
         header_key, bearer = basic_user(scope)
+        stream = BodyStream(receive)
         try:
-            body = await read_body(scope, receive, limit)
+            body = await read_body(scope, stream, limit)
             received_at = pipeline.wall()
             if single:
                 data = segment.decode_json(body)
@@ -214,8 +271,8 @@ class Intake:
                 write_key = self._write_key(header_key, data.get("writeKey"))
                 try:
                     message = segment.validate(data, type_=single, received_at=received_at)
-                except Rejected:
-                    self.metrics.inc("messages_rejected_total", reason="invalid")
+                except Rejected as exc:
+                    self.metrics.inc("messages_rejected_total", reason=exc.code)
                     raise
                 messages = [message]
                 rejected: list[dict[str, Any]] = []
@@ -232,7 +289,10 @@ class Intake:
         except Rejected as exc:
             if exc.status == 401 and bearer:
                 exc.message += " (a Bearer token needs writeKey in the body)"
-            return exc.status, exc.body(), []
+            headers: list[tuple[bytes, bytes]] = []
+            if not await stream.drain(DRAIN_BYTES, DRAIN_SECONDS):
+                headers.append(CLOSE)
+            return exc.status, exc.body(), headers
         try:
             result = await pipeline.accept(write_key, messages)
         except Overloaded as exc:

@@ -21,8 +21,13 @@ MAX_MESSAGE_BYTES = 32 * 1024
 MAX_REQUEST_BYTES = 500 * 1024
 MAX_BATCH_MESSAGES = 2500
 MAX_MESSAGE_ID = 100
+# Segment payloads nest a few levels; a limit far below Python's recursion limit
+# keeps a pathological message from failing later, when it is encoded or replayed.
+MAX_DEPTH = 64
 
 TIME_KEY = "_time"
+MIN_TIME = datetime(1, 1, 1, tzinfo=UTC).timestamp()
+MAX_TIME = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
 
 _decoder = msgspec.json.Decoder()
 
@@ -40,16 +45,46 @@ class Envelope(msgspec.Struct):
 _envelope_decoder = msgspec.json.Decoder(Envelope)
 
 
+def _too_deep(value: Any) -> bool:
+    """True when objects and arrays nest deeper than ``MAX_DEPTH`` (the top is level 1)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
+
+
+def _check_depth(raw: bytes, value: Any) -> None:
+    # Counting brackets is cheap C; only a payload with enough of them to nest
+    # past the limit is walked.
+    if (isinstance(value, dict | list)
+            and raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _too_deep(value)):
+        raise TooDeep()
+
+
+class TooDeep(Rejected):
+    def __init__(self) -> None:
+        super().__init__("too_deep", f"JSON nests deeper than {MAX_DEPTH} levels")
+
+
 def decode_json(body: bytes) -> Any:
     try:
-        return _decoder.decode(body)
+        value = _decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise Rejected("invalid_json", f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise TooDeep() from None
+    _check_depth(body, value)
+    return value
 
 
 def decode_envelope(body: bytes) -> Envelope:
     try:
-        return _envelope_decoder.decode(body)
+        envelope = _envelope_decoder.decode(body)
     except msgspec.ValidationError as exc:
         text = str(exc)
         if "missing required field `batch`" in text:
@@ -59,6 +94,13 @@ def decode_envelope(body: bytes) -> Envelope:
         raise Rejected("invalid_batch", f"batch request is malformed: {text}") from None
     except msgspec.DecodeError as exc:
         raise Rejected("invalid_json", f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise TooDeep() from None
+    # Merged into every item, so they count against each item's depth.
+    for shared in (envelope.context, envelope.integrations):
+        if shared and _too_deep(shared):
+            raise TooDeep()
+    return envelope
 
 
 def decode_item(raw: msgspec.Raw) -> Any:
@@ -68,7 +110,14 @@ def decode_item(raw: msgspec.Raw) -> Any:
             "message_too_large",
             f"message is {len(raw)} bytes; the limit is {MAX_MESSAGE_BYTES} bytes",
         )
-    return _decoder.decode(raw)
+    try:
+        value = _decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise Rejected("invalid_json", f"message is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise TooDeep() from None
+    _check_depth(bytes(raw), value)
+    return value
 
 
 # --- time ------------------------------------------------------------------------------------
@@ -88,6 +137,10 @@ def parse_time(value: Any, field: str) -> float:
             moment = moment.replace(tzinfo=UTC)
         return moment.timestamp()
     if isinstance(value, int | float) and not isinstance(value, bool):
+        # The same range ISO-8601 strings can express (years 1-9999): anything
+        # beyond is garbage that would break date handling further down.
+        if not MIN_TIME <= value <= MAX_TIME:
+            raise Rejected("invalid_timestamp", f"{field} is out of range: {value!r}")
         return float(value)
     raise Rejected("invalid_timestamp", f"{field} must be an ISO-8601 string, got {value!r}")
 

@@ -19,6 +19,7 @@ import sqlite3
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import httpx
@@ -29,7 +30,7 @@ import trio
 from . import store as st
 from .actors import OutboxRow, Spool
 from .commands import Command, decode_command, encode_command
-from .infinario import MAX_COMMANDS, Dialect, Result, Verdict
+from .infinario import MAX_COMMANDS, Dialect, Verdict
 from .metrics import Metrics
 
 log = structlog.get_logger("router.sender")
@@ -78,7 +79,7 @@ class TokenBucket:
 
 @dataclass(slots=True)
 class _Finished:
-    done: list[int] = field(default_factory=list)
+    done: list[OutboxRow] = field(default_factory=list)
     dead: list[tuple[OutboxRow, str, str]] = field(default_factory=list)
 
 
@@ -169,8 +170,10 @@ class Sender:
         rows = await self.store.call(
             lambda conn: st.outbox_load(conn, lane.index, after, self.window)
         )
-        for seq, customer, body, first_at in rows:
-            lane.items.append(OutboxRow(seq, lane.index, customer, decode_command(body), first_at))
+        for seq, customer, body, first_at, size in rows:
+            lane.items.append(
+                OutboxRow(seq, lane.index, customer, decode_command(body), first_at, size=size)
+            )
             lane.loaded_upto = seq
         if len(rows) < self.window and lane.spilled_max <= lane.loaded_upto:
             lane.spilled = False
@@ -207,9 +210,23 @@ class Sender:
         except httpx.HTTPError as exc:
             verdict = Verdict(retry=True, reason=f"{type(exc).__name__}: {exc}")
         finished = _Finished()
+        keep: list[OutboxRow] = []  # rows of this batch that stay at the head of the lane
+        delay: float | None = None
+        backoff = False
         if verdict.results is not None:
             self.metrics.inc("infinario_requests_total", outcome="answered")
-            await self._answered(lane, batch, verdict.results, finished)
+            for row, result in zip(batch, verdict.results, strict=True):
+                if result.outcome == "ok":
+                    finished.done.append(row)
+                elif result.outcome == "retry":
+                    keep.append(row)
+                else:
+                    finished.dead.append((row, "error", "; ".join(result.errors)))
+            self.metrics.inc("commands_delivered_total", len(finished.done))
+            if keep:
+                self.metrics.inc("commands_retried_total", len(keep))
+                keep = self._expire(keep, "Infinario answered retry", finished)
+                backoff = True
         elif verdict.auth:
             self.metrics.inc("infinario_requests_total", outcome="auth")
             if project not in self._auth_reported:
@@ -219,57 +236,46 @@ class Sender:
                     "and restart. Commands are kept and retried.",
                     project=project, reason=verdict.reason,
                 )
-            await self._backoff(lane, None)
+            # Not dead-lettered, whatever the retry window: the data is fine, the
+            # configuration is not.
+            keep = batch
+            backoff = True
         elif verdict.retry:
             self.metrics.inc("infinario_requests_total", outcome="retry")
             log.warning("Infinario request failed; retrying", reason=verdict.reason,
                         lane=lane.index, attempt=batch[0].attempts)
-            self._expire(batch, verdict.reason, finished)
-            await self._backoff(lane, verdict.retry_after)
+            keep = self._expire(batch, verdict.reason, finished)
+            backoff = True
+            delay = verdict.retry_after
         else:
             self.metrics.inc("infinario_requests_total", outcome="refused")
             log.error("Infinario refused the request; dead-lettering its commands",
                       reason=verdict.reason, count=len(batch))
             for row in batch:
                 finished.dead.append((row, "rejected", verdict.reason))
-        await self._finish(lane, finished)
-
-    async def _answered(
-        self, lane: Lane, batch: list[OutboxRow], results: Sequence[Result], finished: _Finished
-    ) -> None:
-        retry: list[OutboxRow] = []
-        for row, result in zip(batch, results, strict=True):
-            if result.outcome == "ok":
-                finished.done.append(row.seq)
-            elif result.outcome == "retry":
-                retry.append(row)
-            else:
-                finished.dead.append((row, "error", "; ".join(result.errors)))
-        delivered = len(finished.done)
-        self.metrics.inc("commands_delivered_total", delivered)
-        if retry:
-            self.metrics.inc("commands_retried_total", len(retry))
-            retry_seqs = {row.seq for row in retry}
-            expired = _Finished()
-            self._expire(retry, "Infinario answered retry", expired)
-            finished.dead.extend(expired.dead)
-            gone = {row.seq for row in batch} - retry_seqs
-            gone.update(row.seq for row, _, _ in expired.dead)
-            self._drop(lane, gone)
-            await self._backoff(lane, None)
+        # The batch is the head of the lane; what must be sent again goes back there.
+        items = lane.items
+        for _ in batch:
+            items.popleft()
+        items.extendleft(reversed(keep))
+        await self._finish(finished)
+        if backoff:
+            await self._backoff(lane, delay)
         else:
             lane.failures = 0
 
-    def _expire(self, rows: list[OutboxRow], reason: str, finished: _Finished) -> None:
-        """Commands past the retry window are dead-lettered instead of retried."""
+    def _expire(
+        self, rows: list[OutboxRow], reason: str, finished: _Finished
+    ) -> list[OutboxRow]:
+        """Dead-letter the rows past the retry window; return the others."""
         limit = self.wall() - self.retry_window
+        keep = []
         for row in rows:
             if row.first_at < limit:
                 finished.dead.append((row, "expired", f"retry window exceeded; last: {reason}"))
-
-    def _drop(self, lane: Lane, seqs: set[int]) -> None:
-        if seqs:
-            lane.items = deque(row for row in lane.items if row.seq not in seqs)
+            else:
+                keep.append(row)
+        return keep
 
     async def _backoff(self, lane: Lane, retry_after: float | None) -> None:
         lane.failures += 1
@@ -280,26 +286,25 @@ class Sender:
             delay = ceiling * random.uniform(0.5, 1.0)
         await trio.sleep(delay)
 
-    async def _finish(self, lane: Lane, finished: _Finished) -> None:
+    async def _finish(self, finished: _Finished) -> None:
         if not finished.done and not finished.dead:
             return
-        gone = set(finished.done)
-        gone.update(row.seq for row, _, _ in finished.dead)
-        self._drop(lane, gone)
         now = self.wall()
         dead = [
             (row.seq, row.command.project, row.customer, encode_command(row.command), status,
              _json_encode([reason]).decode(), row.attempts, row.first_at, now)
             for row, status, reason in finished.dead
         ]
-        freed = await self.store.call(lambda conn: _finish(conn, finished.done, dead, now))
+        freed = sum(row.size for row in finished.done)
+        freed += sum(row.size for row, _, _ in finished.dead)
+        done = [row.seq for row in finished.done]
+        await self.store.call(lambda conn: _finish(conn, done, dead, now))
         self.spool.add(-freed)
-        if dead:
-            for row, status, reason in finished.dead:
-                self.metrics.inc("dead_letters_total", status=status)
-                log.error("command dead-lettered", status=status, reason=reason,
-                          project=row.command.project, type=row.command.event_type,
-                          kind=row.command.kind)
+        for row, status, reason in finished.dead:
+            self.metrics.inc("dead_letters_total", status=status)
+            log.error("command dead-lettered", status=status, reason=reason,
+                      project=row.command.project, type=row.command.event_type,
+                      kind=row.command.kind)
         self._changed.set()
 
     # --- dead letters replayed while running -----------------------------------------------
@@ -308,8 +313,9 @@ class Sender:
         """Pick up dead letters marked for replay by ``infinario-router dead-letters replay``."""
         while True:
             await trio.sleep(interval)
+            now = self.wall()  # trio's clock is not readable from the writer thread
             rows = await self.store.call(
-                lambda conn: replay_marked(conn, counter, len(self.lanes), self.wall())
+                partial(replay_marked, counter=counter, lanes=len(self.lanes), now=now)
             )
             if rows:
                 log.info("dead letters replayed", count=len(rows))
@@ -319,15 +325,7 @@ class Sender:
 
 def _finish(
     conn: sqlite3.Connection, done: list[int], dead: Sequence[tuple[Any, ...]], now: float
-) -> int:
-    seqs = [(seq,) for seq in done] + [(row[0],) for row in dead]
-    freed = 0
-    for (seq,) in seqs:
-        row = conn.execute(
-            "SELECT length(body) + COALESCE(length(origin), 0) FROM outbox WHERE seq = ?", (seq,)
-        ).fetchone()
-        if row:
-            freed += int(row[0])
+) -> None:
     if dead:
         conn.executemany(
             "INSERT INTO dead_letters(created_at, project, customer, command, origin, status,"
@@ -337,8 +335,7 @@ def _finish(
              for seq, project, customer, body, status, errors, attempts, first_at, last_at
              in dead],
         )
-    conn.executemany("DELETE FROM outbox WHERE seq = ?", seqs)
-    return freed
+    st.delete_seqs(conn, "outbox", [*done, *(row[0] for row in dead)])
 
 
 def replay_marked(

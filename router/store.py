@@ -26,7 +26,7 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -279,28 +279,45 @@ def spool_bytes(conn: sqlite3.Connection) -> int:
 def journal_accept(
     conn: sqlite3.Connection,
     write_key: str,
-    messages: Iterable[tuple[str, bytes]],
+    messages: Sequence[tuple[str, bytes]],
     now: float,
     next_seq: int,
 ) -> list[int | None]:
     """Journal new messages, skipping (None) those whose messageId was seen already."""
+    seen: set[str] = set()
+    ids = [message_id for message_id, _ in messages]
+    for start in range(0, len(ids), 500):
+        part = ids[start : start + 500]
+        marks = ",".join("?" * len(part))
+        seen.update(row[0] for row in conn.execute(
+            f"SELECT message_id FROM dedup WHERE write_key = ? AND message_id IN ({marks})",
+            (write_key, *part),
+        ))
     result: list[int | None] = []
     rows = []
-    execute = conn.execute
+    fresh = []
     for message_id, body in messages:
-        cursor = execute(
-            "INSERT OR IGNORE INTO dedup(write_key, message_id, seen_at) VALUES(?, ?, ?)",
-            (write_key, message_id, now),
-        )
-        if cursor.rowcount == 1:
-            rows.append((next_seq, write_key, body))
-            result.append(next_seq)
-            next_seq += 1
-        else:
+        if message_id in seen:
             result.append(None)
+            continue
+        seen.add(message_id)  # the same id twice in one request counts once
+        rows.append((next_seq, write_key, body))
+        fresh.append((write_key, message_id, now))
+        result.append(next_seq)
+        next_seq += 1
     if rows:
+        conn.executemany("INSERT INTO dedup(write_key, message_id, seen_at) VALUES(?, ?, ?)",
+                         fresh)
         conn.executemany("INSERT INTO journal(seq, write_key, body) VALUES(?, ?, ?)", rows)
     return result
+
+
+def delete_seqs(conn: sqlite3.Connection, table: str, seqs: Sequence[int]) -> None:
+    """Delete rows by seq, a few hundred per statement."""
+    assert table in ("journal", "outbox")
+    for start in range(0, len(seqs), 500):
+        part = seqs[start : start + 500]
+        conn.execute(f"DELETE FROM {table} WHERE seq IN ({','.join('?' * len(part))})", part)
 
 
 def journal_load(
@@ -318,9 +335,10 @@ def dedup_expire(conn: sqlite3.Connection, before: float) -> int:
 
 def outbox_load(
     conn: sqlite3.Connection, lane: int, after: int, limit: int
-) -> list[tuple[int, int, bytes, float]]:
+) -> list[tuple[int, int, bytes, float, int]]:
     return conn.execute(
-        "SELECT seq, customer, body, first_at FROM outbox WHERE lane = ? AND seq > ? "
+        "SELECT seq, customer, body, first_at, length(body) + COALESCE(length(origin), 0) "
+        "FROM outbox WHERE lane = ? AND seq > ? "
         "ORDER BY seq LIMIT ?",
         (lane, after, limit),
     ).fetchall()

@@ -1,0 +1,112 @@
+"""Shared fixtures: a real relay with its HTTP intake and a recording fake Infinario."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from router import Accepted, Config, Router, open_router
+
+WRITE_KEY = "wk"
+PROJECT = "proj"
+
+
+@dataclass
+class FakeInfinario:
+    """Answers the legacy ``/bulk`` request with ``ok`` for every command and records them."""
+
+    commands: list[dict[str, Any]] = field(default_factory=list)
+    requests: int = 0
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requests += 1
+        if request.url.path != "/bulk":
+            return httpx.Response(404, json={"error": f"no endpoint {request.url.path}"})
+        commands = json.loads(request.content)["commands"]
+        self.commands.extend(commands)
+        return httpx.Response(
+            200, json={"success": True, "results": [{"status": "ok"} for _ in commands]}
+        )
+
+
+@dataclass
+class Relay:
+    """A running relay, an HTTP client pointed at it and what reached Infinario."""
+
+    router: Router
+    client: httpx.AsyncClient
+    infinario: FakeInfinario
+    # Every list of validated messages the intake handed to the pipeline.
+    accepted: list[list[dict[str, Any]]]
+
+    @property
+    def url(self) -> str:
+        assert self.router.url is not None
+        return self.router.url
+
+    async def delivered(self) -> list[dict[str, Any]]:
+        """Wait until everything accepted so far reached Infinario; return all commands."""
+        with trio.fail_after(10):
+            await self.router.drain()
+        return self.infinario.commands
+
+    async def events(self, event_type: str | None = None) -> list[dict[str, Any]]:
+        """Delivered ``crm/events`` data (of one type, when given)."""
+        return [c["data"] for c in await self.delivered()
+                if c["name"] == "crm/events"
+                and (event_type is None or c["data"]["type"] == event_type)]
+
+    async def customers(self) -> list[dict[str, Any]]:
+        """Delivered ``crm/customers`` data."""
+        return [c["data"] for c in await self.delivered() if c["name"] == "crm/customers"]
+
+    @property
+    def journaled(self) -> list[dict[str, Any]]:
+        """Every message the intake accepted, in order, as handed to the pipeline."""
+        return [m for batch in self.accepted for m in batch]
+
+
+def relay_config(tmp_path: Path, **overrides: Any) -> Config:
+    options: dict[str, Any] = {
+        "write_keys": {WRITE_KEY: PROJECT},
+        "data_dir": tmp_path,
+        "listen": "127.0.0.1:0",
+        "infinario_url": "http://infinario.test",
+        "grace": 5.0,
+    }
+    options.update(overrides)
+    return Config(**options)
+
+
+@pytest.fixture
+def relay_options() -> dict[str, Any]:
+    """Override in a test module or class to change the relay's configuration."""
+    return {}
+
+
+@pytest.fixture
+async def relay(tmp_path: Path, relay_options: dict[str, Any]) -> AsyncIterator[Relay]:
+    infinario = FakeInfinario()
+    config = relay_config(tmp_path / "data", **relay_options)
+    async with open_router(
+        config, http=True, transport=httpx.MockTransport(infinario.handler)
+    ) as router:
+        accepted: list[list[dict[str, Any]]] = []
+        accept = router.accept
+
+        async def spy(write_key: str, messages: Sequence[dict[str, Any]]) -> Accepted:
+            result = await accept(write_key, messages)
+            accepted.append([dict(m) for m in messages])
+            return result
+
+        router.accept = spy  # type: ignore[method-assign]
+        assert router.url is not None
+        async with httpx.AsyncClient(base_url=router.url, timeout=10) as client:
+            yield Relay(router, client, infinario, accepted)
