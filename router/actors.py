@@ -266,7 +266,7 @@ class Directory:
         for item in items:
             chunk.journal_seqs.append(item.seq)
             chunk.journal_bytes += len(item.body)
-            self._handle(item, chunk)
+            self._handle(item, chunk, now)
         for key in due:
             self._expire(key, now, chunk)
         if not chunk.journal_seqs and not chunk.dirty and not chunk.deleted:
@@ -332,7 +332,7 @@ class Directory:
         chunk.ids[pair] = state.key
         chunk.unlinked.discard(pair)
 
-    def _handle(self, item: Item, chunk: _Chunk) -> None:
+    def _handle(self, item: Item, chunk: _Chunk, now: float) -> None:
         message = item.message
         project = self.write_keys.get(item.write_key)
         if project is None:
@@ -345,7 +345,8 @@ class Directory:
             return
         try:
             state = self._resolve(project, message, chunk)
-            ctx = TurnContext(project, self.schema(project), self.policy, self.session_timeout)
+            ctx = TurnContext(project, self.schema(project), self.policy, self.session_timeout,
+                              now)
             had_session = state.session_start is not None
             commands = turn(state, message, ctx)
         except LimitExceeded as exc:
@@ -488,7 +489,7 @@ class Directory:
             heapq.heappush(self.timers, (deadline, key))
             return
         ctx = TurnContext(state.project, self.schema(state.project), self.policy,
-                          self.session_timeout)
+                          self.session_timeout, now)
         command = end_session(state, ctx)
         chunk.dirty[key] = state
         chunk.commands.append((key, command, None))

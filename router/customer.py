@@ -42,11 +42,17 @@ class CustomerState(msgspec.Struct, array_like=True, gc=False):
     session_last: float | None = None
     # The ids of the call that last touched the session; session_end goes to them.
     session_ids: dict[str, str] | None = None
+    # Wall time the session last saw activity. The timer runs from here, not from
+    # the event time: a backfill of old events keeps its session open while more
+    # of it may arrive, and event-time gaps still close sessions in ``turn``.
+    session_seen: float | None = None
 
     def deadline(self, timeout: float) -> float | None:
+        """Wall time at which the open session ends for lack of activity."""
         if self.session_last is None:
             return None
-        return self.session_last + timeout
+        seen = self.session_seen if self.session_seen is not None else self.session_last
+        return seen + timeout
 
     def ids(self) -> dict[str, str]:
         ids: dict[str, str] = {}
@@ -69,6 +75,7 @@ class TurnContext:
     schema: Schema
     policy: EventPolicy
     session_timeout: float
+    now: float = 0.0  # wall time of the turn
     sanitized: int = 0
     dropped: int = 0
 
@@ -178,6 +185,7 @@ def _visit(
     elif state.session_last is not None and at > state.session_last:
         state.session_last = at
     state.session_ids = ids
+    state.session_seen = ctx.now
     commands.append(visit)
     return commands
 
@@ -190,6 +198,7 @@ def end_session(state: CustomerState, ctx: TurnContext) -> Command:
     state.session_start = None
     state.session_last = None
     state.session_ids = None
+    state.session_seen = None
     return command
 
 
@@ -231,8 +240,11 @@ def merge_into(survivor: CustomerState, merged: CustomerState) -> None:
             survivor.session_start = merged.session_start
             survivor.session_last = merged.session_last
             survivor.session_ids = merged.session_ids
+            survivor.session_seen = merged.session_seen
         else:
             survivor.session_start = min(survivor.session_start, merged.session_start)
             if merged.session_last > survivor.session_last:
                 survivor.session_last = merged.session_last
                 survivor.session_ids = merged.session_ids
+        if merged.session_seen is not None:
+            survivor.session_seen = max(survivor.session_seen or 0.0, merged.session_seen)
