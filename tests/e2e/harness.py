@@ -60,3 +60,20 @@ async def open_stack(
         async with open_router(config, http=True) as router:
             yield Stack(router, sim, sim_url)
         nursery.cancel_scope.cancel()
+
+
+async def eventually(predicate: Callable[[], Any], *, within: float = 30.0,
+                     interval: float = 0.1) -> None:
+    """Poll ``predicate`` (sync or async) until it is true; fail after ``within`` seconds.
+
+    What is polled lives in another process or behind a socket, so there is no
+    event to wait on.
+    """
+    for _ in range(int(within / interval) + 1):
+        result = predicate()
+        if hasattr(result, "__await__"):
+            result = await result
+        if result:
+            return
+        await trio.sleep(interval)
+    raise AssertionError(f"condition not met within {within} s")

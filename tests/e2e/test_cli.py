@@ -12,6 +12,7 @@ import trio
 
 from router.simulator import Simulator, run_simulator
 
+from .harness import eventually
 from .processes import RelayProcess
 
 
@@ -90,10 +91,12 @@ class TestDeadLetters:
                 url = await trio.to_thread.run_sync(relay.start)
                 assert (await track(url, "First")).status_code == 200
                 assert (await track(url, "Second")).status_code == 200
-                with trio.fail_after(20):
-                    while "2 " not in (await trio.to_thread.run_sync(
-                            lambda: cli("dead-letters", "--data-dir", str(data), "list"))).stdout:
-                        await trio.sleep(0.2)
+                async def two_dead() -> bool:
+                    listing = await trio.to_thread.run_sync(
+                        lambda: cli("dead-letters", "--data-dir", str(data), "list"))
+                    return listing.stdout.count("simulated error") == 2
+
+                await eventually(two_dead, within=20)
                 listing = cli("dead-letters", "--data-dir", str(data), "list").stdout
                 assert "simulated error" in listing
                 shown = json.loads(cli("dead-letters", "--data-dir", str(data), "show", "1").stdout)
@@ -104,9 +107,7 @@ class TestDeadLetters:
                 # Replay while running: the relay picks it up itself.
                 replay = cli("dead-letters", "--data-dir", str(data), "replay", "1")
                 assert "replaying 1" in replay.stdout
-                with trio.fail_after(20):
-                    while "First" not in [e["type"] for e in sim.events]:
-                        await trio.sleep(0.2)
+                await eventually(lambda: "First" in [e["type"] for e in sim.events], within=20)
                 assert await trio.to_thread.run_sync(relay.terminate) == 0
 
                 # Replay while stopped: it goes out at the next start.
@@ -115,9 +116,8 @@ class TestDeadLetters:
                 relay2 = RelayProcess(data, sim_url)
                 try:
                     await trio.to_thread.run_sync(relay2.start)
-                    with trio.fail_after(20):
-                        while "Second" not in [e["type"] for e in sim.events]:
-                            await trio.sleep(0.2)
+                    await eventually(lambda: "Second" in [e["type"] for e in sim.events],
+                                     within=20)
                 finally:
                     relay2.kill()
                 assert "no dead letters" in cli("dead-letters", "--data-dir", str(data),

@@ -13,6 +13,7 @@ from segment.analytics.request import post
 
 from router.simulator import Simulator, run_simulator
 
+from .harness import eventually
 from .processes import RelayProcess
 
 BATCH = 25
@@ -64,9 +65,8 @@ class TestCrash:
                 await trio.to_thread.run_sync(restarted.start)
                 try:
                     wanted = set(acked)
-                    with trio.fail_after(60):
-                        while not wanted <= set(delivered(sim)):
-                            await trio.sleep(0.2)
+                    await eventually(lambda: wanted <= set(delivered(sim)), within=60,
+                                     interval=0.2)
                 finally:
                     assert await trio.to_thread.run_sync(restarted.terminate) == 0
             finally:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import trio
 
-from .harness import PROJECT, Stack
+from .harness import PROJECT, Stack, eventually
 
 
 def typed(stack: Stack, prefix: str) -> list[str]:
@@ -81,9 +81,7 @@ class TestFaults:
     async def test_retry_window_dead_letters_after_it_runs_out(self, stack: Stack) -> None:
         stack.sim.fail_requests(503)
         await send(stack, 1)
-        with trio.fail_after(20):
-            while not await dead_letters(stack):
-                await trio.sleep(0.2)
+        await eventually(lambda: dead_letters(stack), within=20)
         dead = await dead_letters(stack)
         assert dead[0][0] == "expired"
         stack.sim.clear_faults()

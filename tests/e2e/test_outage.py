@@ -6,7 +6,7 @@ import httpx
 import pytest
 import trio
 
-from .harness import PROJECT, WRITE_KEY, Stack
+from .harness import PROJECT, WRITE_KEY, Stack, eventually
 
 LANES = 2
 WINDOW = 20
@@ -35,9 +35,7 @@ class TestOutage:
         assert [e for e in stack.sim.events if e["project"] == PROJECT] == []
 
         stack.sim.clear_faults()
-        with trio.fail_after(60):
-            while len(stack.sim.events) < total:
-                await trio.sleep(0.1)
+        await eventually(lambda: len(stack.sim.events) >= total, within=60)
         await stack.settle()
         got = sorted(e["properties"]["n"] for e in stack.sim.events)
         assert got == list(range(total))
@@ -60,8 +58,6 @@ class TestOutage:
         assert 200 in statuses and 503 in statuses
         accepted = 50 * statuses.count(200)
         stack.sim.clear_faults()
-        with trio.fail_after(60):
-            while len(stack.sim.events) < accepted:
-                await trio.sleep(0.1)
+        await eventually(lambda: len(stack.sim.events) >= accepted, within=60)
         await stack.settle()
         assert len(stack.sim.events) == accepted

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from .harness import PROJECT, Stack
+from .harness import PROJECT, Stack, eventually
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -136,11 +136,7 @@ class TestSessions:
         await stack.run(client.screen, "user-t", None, "S")
         await stack.settle()
         assert events(stack, "session_end") == []
-        import trio
-
-        with trio.fail_after(10):
-            while not events(stack, "session_end"):
-                await trio.sleep(0.1)
+        await eventually(lambda: events(stack, "session_end"), within=10)
         (start,) = events(stack, "session_start")
         (end,) = events(stack, "session_end")
         (screen,) = events(stack, "screen_visit")
