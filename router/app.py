@@ -28,7 +28,7 @@ from . import segment
 from . import store as st
 from .actors import Directory, Inbox, Item, Spool
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, Rejected
 from .http import parse_listen, serve_asgi
 from .infinario import V2, Dialect, Legacy
 from .intake import Accepted, Intake, Overloaded
@@ -125,23 +125,42 @@ class Router:
     async def submit(self, message: dict[str, Any], *, write_key: str) -> Accepted:
         """Validate and journal one Segment message (``type`` inside it).
 
-        Raises ``Rejected`` for an invalid message or unknown write key and
-        ``Overloaded`` when the pipeline is full.
+        Returns once the message is on disk. Raises ``Rejected`` for an invalid
+        message or unknown write key and ``Overloaded`` when the pipeline is full.
         """
-        return await self.submit_batch([message], write_key=write_key)
+        result = await self.submit_batch([message], write_key=write_key)
+        if result.rejected:
+            reject = result.rejected[0]
+            raise Rejected(reject["code"], reject["message"])
+        return result
 
     async def submit_batch(
         self, messages: Sequence[dict[str, Any]], *, write_key: str
     ) -> Accepted:
-        from .errors import Rejected
-
+        """Like a ``/v1/batch`` request: invalid messages are rejected alone, listed
+        in the result by index; the others are journaled."""
         if self.project_for(write_key) is None:
             raise Rejected("invalid_write_key", "unknown write key", status=401)
         if not self.accepting:
             raise Overloaded("the router is not running")
         now = self.wall()
-        valid = [segment.validate(dict(m), type_=None, received_at=now) for m in messages]
-        return await self.accept(write_key, valid)
+        valid: list[dict[str, Any]] = []
+        rejected: list[dict[str, Any]] = []
+        for index, original in enumerate(messages):
+            try:
+                # The same checks as HTTP: an item's size and depth, then its fields.
+                message = segment.decode_item(msgspec.Raw(_encode(original)))
+                valid.append(segment.validate(message, type_=None, received_at=now))
+            except Rejected as exc:
+                rejected.append({"index": index, "code": exc.code, "message": exc.message})
+                self.metrics.inc("messages_rejected_total", reason=exc.code)
+            except (TypeError, msgspec.EncodeError) as exc:
+                rejected.append({"index": index, "code": "invalid_message",
+                                 "message": f"message is not JSON-serializable: {exc}"})
+                self.metrics.inc("messages_rejected_total", reason="invalid_message")
+        result = await self.accept(write_key, valid)
+        result.rejected = rejected
+        return result
 
     def report(self) -> dict[str, Any]:
         return {

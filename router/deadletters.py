@@ -93,7 +93,10 @@ def _show(conn: sqlite3.Connection, dead_id: int) -> int:
                           "event_type": c.event_type, "properties": c.properties,
                           "timestamp": c.timestamp}
     if origin is not None:
-        out["message"] = json.loads(origin)
+        try:
+            out["message"] = json.loads(origin)
+        except ValueError:
+            out["message"] = origin.decode("utf-8", errors="replace")
     print(json.dumps(out, indent=2, sort_keys=True))
     return 0
 

@@ -50,8 +50,11 @@ class Overloaded(Exception):
 
 
 class Accepted(msgspec.Struct):
+    """What happened to a request's messages: journaled, skipped as seen, rejected."""
+
     accepted: int
     duplicates: int
+    rejected: list[dict[str, Any]] = msgspec.field(default_factory=list)
 
 
 class Pipeline(Protocol):
@@ -216,6 +219,7 @@ class Intake:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
         self.metrics = pipeline.metrics
+        self.metrics.inc("requests_total", 0, status="200")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -223,6 +227,15 @@ class Intake:
             return
         if scope["type"] != "http":
             return
+        metrics = self.metrics
+        raw_send = send
+
+        async def send_counted(event: dict[str, Any]) -> None:
+            if event["type"] == "http.response.start":
+                metrics.inc("requests_total", status=str(event["status"]))
+            await raw_send(event)
+
+        send = send_counted
         path: str = scope["path"].rstrip("/") or "/"
         method: str = scope["method"]
         try:
@@ -233,7 +246,6 @@ class Intake:
                     return
                 status, body, headers = await self._ingest(scope, receive, path)
                 await _json(send, status, body, headers)
-                self.metrics.inc("requests_total", status=str(status))
             elif path == "/health" and method in ("GET", "HEAD"):
                 health = self.pipeline.health()
                 await _json(send, 200 if health["status"] == "ok" else 503, health)
