@@ -34,6 +34,7 @@ from .commands import Command, encode_command
 from .customer import (
     CustomerState,
     TurnContext,
+    close_session,
     end_session,
     merge_into,
     state_decoder,
@@ -175,6 +176,7 @@ class Directory:
         self.next_key = 1
         self.outbox_seq = outbox_seq
         self.idle = trio.Event()
+        self.processing = False  # a round (messages or timers) is between turns and commit
 
     # --- startup ---------------------------------------------------------------------------
 
@@ -228,7 +230,17 @@ class Directory:
             )
             if not rows:
                 break
-            items = [Item(seq, wk, _json_decode(body), body) for seq, wk, body in rows]
+            items = []
+            for seq, wk, body in rows:
+                try:
+                    items.append(Item(seq, wk, _json_decode(body), body))
+                except (msgspec.DecodeError, RecursionError) as exc:
+                    # Never expected (intake wrote it), but one unreadable row must
+                    # not keep the relay from starting: set it aside as a dead letter.
+                    log.error("unreadable journal row set aside", seq=seq, error=str(exc))
+                    await self.store.call(partial(_set_aside, seq=seq, body=body,
+                                                  reason=str(exc), now=self.wall()))
+                    self.spool.add(-len(body))
             await self.process(items)
             after = rows[-1][0]
         if after:
@@ -238,7 +250,11 @@ class Directory:
             items = await inbox.get(CHUNK, deadline)
             if not items and not self._timers_due():
                 continue
-            await self.process(items)
+            self.processing = True
+            try:
+                await self.process(items)
+            finally:
+                self.processing = False
             inbox.release(len(items))
             if not len(inbox):
                 self.idle.set()
@@ -272,7 +288,11 @@ class Directory:
         if not chunk.journal_seqs and not chunk.dirty and not chunk.deleted:
             return
         rows = await self.store.call(lambda conn: self._commit(conn, chunk, now))
-        self.spool.add(-chunk.journal_bytes)
+        # Here rather than in _commit, which runs in the store's writer thread:
+        # intake and the sender update the same counters from the trio thread.
+        self.spool.add(sum(row.size for row in rows) - chunk.journal_bytes)
+        if chunk.refused:
+            self.metrics.inc("dead_letters_total", len(chunk.refused), status="refused")
         self.deliver(rows)
         self._trim()
 
@@ -285,17 +305,19 @@ class Directory:
             if project is None:
                 continue
             message = item.message
-            for id_key in _id_keys(message):
+            id_keys = _id_keys(message)
+            if message["type"] == "alias":
+                # _resolve checks whether previousId is another customer's
+                # registered id, so that customer must be in memory too, even
+                # when only its index entry is.
+                id_keys.append("r:" + message["previousId"])
+            for id_key in id_keys:
                 pair = (project, id_key)
                 key = self.index.get(pair)
                 if key is None:
                     wanted_ids.add(pair)
                 elif key not in self.states:
                     wanted_keys.add(key)
-            if message["type"] == "alias":
-                pair = (project, "r:" + message["previousId"])
-                if pair not in self.index:
-                    wanted_ids.add(pair)
         for key in due:
             if key not in self.states:
                 wanted_keys.add(key)
@@ -331,6 +353,10 @@ class Directory:
         self.index[pair] = state.key
         chunk.ids[pair] = state.key
         chunk.unlinked.discard(pair)
+        # The state gained this id: persist it with the index row even when the
+        # turn that follows is refused, or a hibernated copy would lack an id the
+        # index gives it (and e.g. take a second registered id).
+        chunk.dirty[state.key] = state
 
     def _handle(self, item: Item, chunk: _Chunk, now: float) -> None:
         message = item.message
@@ -490,8 +516,18 @@ class Directory:
             return
         ctx = TurnContext(state.project, self.schema(state.project), self.policy,
                           self.session_timeout, now)
-        command = end_session(state, ctx)
         chunk.dirty[key] = state
+        try:
+            command = end_session(state, ctx)
+        except LimitExceeded as exc:
+            # session_end is a new event type the project has no room for. The
+            # session still ends (or its timer would fire forever), unreported;
+            # raising here would stop the directory for every customer.
+            close_session(state)
+            self.metrics.inc("messages_refused_total", code=exc.code)
+            log.warning("session_end refused", code=exc.code, reason=exc.reason,
+                        project=state.project, customer=key)
+            return
         chunk.commands.append((key, command, None))
         self.metrics.inc("sessions_ended_total")
 
@@ -526,7 +562,6 @@ class Directory:
             )
         rows: list[OutboxRow] = []
         records = []
-        spooled = 0
         seq = self.outbox_seq.next
         lanes = self.lanes
         for customer, command, origin in chunk.commands:
@@ -535,7 +570,6 @@ class Directory:
             records.append((seq, lane, customer, body, origin, now))
             size = len(body) + (len(origin) if origin else 0)
             rows.append(OutboxRow(seq, lane, customer, command, now, size=size))
-            spooled += size
             seq += 1
         if records:
             conn.executemany(
@@ -553,9 +587,6 @@ class Directory:
                  now, now),
             )
         st.meta_set(conn, "next_customer", str(self.next_key))
-        self.spool.add(spooled)
-        if chunk.refused:
-            self.metrics.inc("dead_letters_total", len(chunk.refused), status="refused")
         return rows
 
     def _trim(self) -> None:
@@ -626,3 +657,13 @@ def _lookup(
         ):
             states[int(key)] = blob
     return found, states
+
+
+def _set_aside(conn: sqlite3.Connection, *, seq: int, body: bytes, reason: str,
+               now: float) -> None:
+    conn.execute(
+        "INSERT INTO dead_letters(created_at, project, customer, command, origin, status, errors,"
+        " attempts, first_at, last_at) VALUES(?, '', 0, NULL, ?, 'unreadable', ?, 0, ?, ?)",
+        (now, body, _json_encode([f"journal row {seq}: {reason}"]).decode(), now, now),
+    )
+    conn.execute("DELETE FROM journal WHERE seq = ?", (seq,))

@@ -180,7 +180,7 @@ class Router:
 
     async def drain(self) -> None:
         """Wait until everything accepted so far has been answered by Infinario."""
-        while self.inbox.used or len(self.inbox):
+        while self.inbox.used or len(self.inbox) or self.directory.processing:
             await self.directory.idle.wait()
         await self.sender.wait_idle()
 

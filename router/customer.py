@@ -75,7 +75,9 @@ class TurnContext:
     schema: Schema
     policy: EventPolicy
     session_timeout: float
-    now: float = 0.0  # wall time of the turn
+    # Wall time of the turn. Without one (a pure caller), the session deadline
+    # follows event time; 0.0 would put it at the epoch and expire it at once.
+    now: float | None = None
     sanitized: int = 0
     dropped: int = 0
 
@@ -164,14 +166,17 @@ def _visit(
     # Admit the visit first: if the project refuses it, the session must not move.
     visit = _event(visit_type, ids, props, at, ctx)
 
+    # Every command is built before the state changes: a refusal (LimitExceeded
+    # from session_end or session_start) must leave the customer as it was, or
+    # the state would claim a session Infinario never heard of.
     commands: list[Command] = []
-    if state.session_last is not None and at - state.session_last > ctx.session_timeout:
-        # Event time, not wall time: a replayed backlog with a long gap closes
-        # the old session here instead of waiting for a timer.
-        commands.append(end_session(state, ctx))
-    if state.session_start is None:
-        state.session_start = at
-        state.session_last = at
+    # Event time, not wall time: a replayed backlog with a long gap closes
+    # the old session here instead of waiting for a timer.
+    gap = state.session_last is not None and at - state.session_last > ctx.session_timeout
+    if gap:
+        commands.append(_session_end(state, ctx))
+    opens = gap or state.session_start is None
+    if opens:
         extras, _ = context_extras(message.get("context"))
         own = message.get("properties") or {}
         page = (message.get("context") or {}).get("page") or {}
@@ -182,24 +187,41 @@ def _visit(
             if value is not None:
                 extras[field] = value
         commands.append(_event(SESSION_START, ids, extras, at, ctx))
+    commands.append(visit)
+
+    if opens:
+        state.session_start = at
+        state.session_last = at
     elif state.session_last is not None and at > state.session_last:
         state.session_last = at
     state.session_ids = ids
     state.session_seen = ctx.now
-    commands.append(visit)
     return commands
 
 
 def end_session(state: CustomerState, ctx: TurnContext) -> Command:
-    """Close the open session: ``session_end`` at the last activity, with its duration."""
-    assert state.session_start is not None and state.session_last is not None
-    props: dict[str, Any] = {"duration": round(state.session_last - state.session_start, 3)}
-    command = _event(SESSION_END, state.session_ids or state.ids(), props, state.session_last, ctx)
+    """Close the open session: ``session_end`` at the last activity, with its duration.
+
+    Raises ``mapping.LimitExceeded``, leaving the session open, when the project
+    cannot take a ``session_end``.
+    """
+    command = _session_end(state, ctx)
+    close_session(state)
+    return command
+
+
+def close_session(state: CustomerState) -> None:
+    """Forget the open session without a ``session_end`` (one the project refuses)."""
     state.session_start = None
     state.session_last = None
     state.session_ids = None
     state.session_seen = None
-    return command
+
+
+def _session_end(state: CustomerState, ctx: TurnContext) -> Command:
+    assert state.session_start is not None and state.session_last is not None
+    props: dict[str, Any] = {"duration": round(state.session_last - state.session_start, 3)}
+    return _event(SESSION_END, state.session_ids or state.ids(), props, state.session_last, ctx)
 
 
 def _group(
@@ -219,9 +241,19 @@ def _group(
             if key not in props:
                 props[key] = None
     command = _customer(ids, props, at, ctx)
+    # Remember every key this group has set, not only this call's: a later call
+    # for the same group may update some traits, and a move must still clear
+    # the ones it did not repeat.
+    keys = dict.fromkeys(state.group_keys) if state.group_id == group_id else {}
+    for key, value in command.properties.items():
+        if key == "group_id":
+            continue
+        if value is None:
+            keys.pop(key, None)
+        else:
+            keys[key] = None
     state.group_id = group_id
-    state.group_keys = [key for key, value in command.properties.items()
-                        if key != "group_id" and value is not None]
+    state.group_keys = list(keys)
     return command
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,9 +13,11 @@ from typing import Any
 
 import httpx
 import trio
+import trio.testing
+from trio.testing import MockClock
 
 from router import Config, Router, open_router
-from router.customer import CustomerState
+from router.customer import CustomerState, state_decoder
 
 from .conftest import FakeInfinario
 
@@ -72,15 +74,23 @@ async def stored_ids(router: Router) -> dict[str, int]:
     return dict(await query(router, f"SELECT id, customer FROM ids WHERE project = '{PROJECT}'"))
 
 
-async def wait_until(router: Router, done: Callable[[], bool], step: float = 1.0) -> None:
-    """Let virtual time pass in small steps until ``done()``: a timer's round may still be
-    committing in the store thread when the sleep that made it due returns."""
-    for _ in range(100):
-        await router.drain()
-        if done():
-            return
-        await trio.sleep(step)
-    raise AssertionError("condition not reached")
+def freeze(clock: MockClock) -> None:
+    """Stop virtual time: the store works in a thread, and with autojump on, every wait
+    for it lets the clock jump to the next deadline (ending sessions too early)."""
+    clock.autojump_threshold = math.inf
+
+
+def thaw(clock: MockClock) -> None:
+    clock.autojump_threshold = 0
+
+
+async def settle(router: Router, clock: MockClock) -> None:
+    """Once a sleep made timers due, freeze the clock and wait for what they started: their
+    round may still be committing in the store thread when the sleep returns."""
+    freeze(clock)
+    await router.store.call(lambda conn: None)  # after every store operation queued so far
+    await trio.testing.wait_all_tasks_blocked()  # the directory handed its rows on
+    await router.drain()
 
 
 class TestMergeByAlias:
@@ -282,16 +292,23 @@ class TestSessionTimer:
     """A live session is closed by the timer, with session_end at the last activity's event
     time and the duration between the session's first and last activity."""
 
-    async def test_timer_closes_a_live_session(self, tmp_path: Path, autojump_clock: Any) -> None:
+    async def test_timer_closes_a_live_session(
+        self, tmp_path: Path, autojump_clock: MockClock
+    ) -> None:
         infinario = FakeInfinario()
         timeout = 60.0
+        freeze(autojump_clock)
         async with running(tmp_path, infinario, session_timeout=timeout) as router:
             t0 = start_time(router)
             await send(router, "page", t0, userId="u1", anonymousId="a1")
             await send(router, "page", t0 + 5, userId="u1", context={"ip": "1.2.3.4"})
             await router.drain()
+            assert events(infinario, "session_end") == []
+            assert len(router.directory.timers) == 1
+
+            thaw(autojump_clock)
             await trio.sleep(timeout + 10)
-            await wait_until(router, lambda: bool(events(infinario, "session_end")))
+            await settle(router, autojump_clock)
 
             assert [e["type"] for e in events(infinario)] == [
                 "session_start", "page_visit", "page_visit", "session_end"]
@@ -311,7 +328,7 @@ class TestSessionTimer:
             assert [e["timestamp"] for e in events(infinario, "session_start")] == [t0, t1]
 
     async def test_session_end_over_the_event_type_limit(
-        self, tmp_path: Path, autojump_clock: Any
+        self, tmp_path: Path, autojump_clock: MockClock
     ) -> None:
         # The project fills its event types before any session has ended: session_end
         # is refused at the timer, which must still close the session and keep running.
@@ -319,12 +336,14 @@ class TestSessionTimer:
         timeout = 60.0
         async with running(tmp_path, infinario, session_timeout=timeout,
                            max_event_types=3) as router:
+            freeze(autojump_clock)
             t0 = start_time(router)
             await send(router, "page", t0, userId="u1")
             await send(router, "track", t0 + 1, userId="u1", event="Bought")
             await router.drain()
+            thaw(autojump_clock)
             await trio.sleep(timeout + 10)
-            await wait_until(router, lambda: state_of(router, "r:u1").session_start is None)
+            await settle(router, autojump_clock)
 
             assert events(infinario, "session_end") == []
             assert router.directory.timers == []
@@ -373,8 +392,11 @@ class TestRestart:
     """Identity, merges, group, open sessions and schema limits survive a restart; the open
     session ends later with its own timestamp and duration."""
 
-    async def test_state_survives_a_restart(self, tmp_path: Path, autojump_clock: Any) -> None:
+    async def test_state_survives_a_restart(
+        self, tmp_path: Path, autojump_clock: MockClock
+    ) -> None:
         infinario = FakeInfinario()
+        freeze(autojump_clock)
         timeout = 600.0
         options: dict[str, Any] = {"session_timeout": timeout, "max_customer_keys": 4}
         async with running(tmp_path, infinario, **options) as router:
@@ -410,8 +432,11 @@ class TestRestart:
             assert identify["properties"] == {"email": "new@b.c"}
             assert router.report()["projects"][PROJECT]["customer_keys"] == 4
 
-            await trio.sleep(max(0.0, (state.deadline(timeout) or 0) - router.wall()) + 1)
-            await wait_until(router, lambda: bool(events(infinario, "session_end")))
+            deadline = state.deadline(timeout)
+            assert deadline is not None
+            thaw(autojump_clock)
+            await trio.sleep(max(0.0, deadline - router.wall()) + 1)
+            await settle(router, autojump_clock)
             [end] = events(infinario, "session_end")
             assert end["timestamp"] == t0 + 2
             assert end["properties"] == {"duration": 2.0}
@@ -433,6 +458,12 @@ class TestRestart:
             # registered id for the same customer.
             await send(router, "identify", t0 + 2, userId="u2", anonymousId="a1")
             await router.drain()
-            assert key_of(router, "r:u1") == customer
-            assert key_of(router, "r:u2") != customer
-            assert router.directory.states[key_of(router, "r:u2")].cookies == ["a1"]
+            ids = await stored_ids(router)
+            assert ids["r:u1"] == customer
+            assert ids["r:u2"] != customer
+            assert ids["c:a1"] == ids["r:u2"]
+            rows = dict(await query(router, "SELECT key, state FROM customers"))
+            first = state_decoder.decode(rows[customer])
+            assert (first.registered, first.cookies) == ("u1", [])
+            second = state_decoder.decode(rows[ids["r:u2"]])
+            assert (second.registered, second.cookies) == ("u2", ["a1"])

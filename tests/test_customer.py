@@ -14,6 +14,7 @@ from router.customer import (
     CustomerState,
     TurnContext,
     call_ids,
+    close_session,
     end_session,
     merge_into,
     turn,
@@ -199,6 +200,15 @@ class TestVisits:
         )
         assert (s.session_start, s.session_last, s.session_ids) == (T0, T0, ids)
 
+    def test_session_deadline_follows_the_wall_clock_of_the_last_activity(self) -> None:
+        s = state()
+        turn(s, msg("page", userId="u1"), ctx())
+        assert s.deadline(TIMEOUT) == T0 + TIMEOUT  # no wall time given: event time
+        c = TurnContext(PROJECT, Schema(), EventPolicy(), TIMEOUT, now=T0 + 5000)
+        turn(s, msg("page", T0 + 60, userId="u1"), c)
+        assert s.session_last == T0 + 60
+        assert s.deadline(TIMEOUT) == T0 + 5000 + TIMEOUT
+
     def test_landing_url_from_the_page_properties(self) -> None:
         message = msg("page", anonymousId="a1",
                       properties={"url": "https://shop.test/p", "referrer": "https://ref.test"})
@@ -258,6 +268,15 @@ class TestVisits:
         c = ctx(limits=Limits(event_types=1))
         with pytest.raises(LimitExceeded):
             turn(s, msg("page", userId="u1"), c)
+        assert (s.session_start, s.session_last, s.session_ids) == (None, None, None)
+
+    def test_refused_session_end_leaves_the_session_open(self) -> None:
+        c = ctx(limits=Limits(event_types=0))
+        s = state(session_start=T0, session_last=T0 + 5, session_ids={"registered": "u1"})
+        with pytest.raises(LimitExceeded):
+            end_session(s, c)
+        assert (s.session_start, s.session_last) == (T0, T0 + 5)
+        close_session(s)
         assert (s.session_start, s.session_last, s.session_ids) == (None, None, None)
 
     def test_end_session(self) -> None:
