@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from typing import Any
 
 import msgspec
@@ -593,12 +594,12 @@ class Directory:
         """Hibernate the least recently used customers past the cache size."""
         excess = len(self.states) - self.cache_size
         if excess > 0:
-            for key in list(self.states)[:excess]:
+            for key in list(islice(self.states, excess)):
                 del self.states[key]
             self.metrics.inc("customers_hibernated_total", excess)
         excess = len(self.index) - 2 * self.cache_size
         if excess > 0:
-            for pair in list(self.index)[:excess]:
+            for pair in list(islice(self.index, excess)):
                 del self.index[pair]
 
 

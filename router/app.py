@@ -261,7 +261,7 @@ async def open_router(
                 store=store, dialect=make_dialect(config), base_url=config.infinario_url,
                 lanes=config.concurrency, client=client, retry_window=config.retry_window,
                 rate_limit=config.effective_rate_limit, metrics=metrics, spool=router.spool,
-                wall=router.wall, window=config.lane_window,
+                wall=router.wall, window=config.lane_window, linger=config.linger,
             )
             router.directory = Directory(
                 store=store, write_keys=dict(config.write_keys), policy=policy, limits=limits,

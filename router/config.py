@@ -68,6 +68,8 @@ class Config:
     active_customers: int = 100_000
     # Commands each sender lane holds in memory; the rest wait in the outbox on disk.
     lane_window: int = 2000
+    # Seconds a lane waits for a fuller request when it has fewer than 50 commands.
+    linger: float = 0.02
 
     def __post_init__(self) -> None:
         if not isinstance(self.data_dir, Path):
@@ -136,6 +138,8 @@ def validate(config: Config) -> None:
     for name, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{name}: must be greater than 0, got {value!r}")
+    if config.linger < 0:
+        raise ConfigError(f"linger: must be 0 or more, got {config.linger!r}")
     if config.concurrency > 256:
         raise ConfigError(f"concurrency: at most 256, got {config.concurrency}")
     if config.infinario_auth:
@@ -178,6 +182,7 @@ _FIELD_TYPES: dict[str, str] = {
     "simulate": "bool",
     "active_customers": "int",
     "lane_window": "int",
+    "linger": "float",
 }
 # Settings that take several values: a list in TOML, repeated flags, commas in the environment.
 _MULTI = ("write_key", "rename")

@@ -36,6 +36,7 @@ from .metrics import Metrics
 log = structlog.get_logger("router.sender")
 
 DEFAULT_LANE_WINDOW = 2000
+DEFAULT_LINGER = 0.02
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 60.0
 _json_encode = msgspec.json.Encoder().encode
@@ -98,6 +99,7 @@ class Sender:
         spool: Spool,
         wall: Callable[[], float],
         window: int = DEFAULT_LANE_WINDOW,
+        linger: float = DEFAULT_LINGER,
     ) -> None:
         self.store = store
         self.dialect = dialect
@@ -109,6 +111,7 @@ class Sender:
         self.spool = spool
         self.wall = wall
         self.window = window
+        self.linger = linger
         self.lanes = [Lane(i) for i in range(lanes)]
         self._auth_reported: set[str] = set()
         self._changed = trio.Event()
@@ -158,6 +161,14 @@ class Sender:
                 lane.wake = trio.Event()
                 await lane.wake.wait()
                 continue
+            if len(lane.items) < MAX_COMMANDS and not lane.spilled and self.linger > 0:
+                # Wait briefly for a fuller request: under a trickle of single
+                # messages, one request per command would cost far more than the
+                # few milliseconds of delivery delay.
+                with trio.move_on_after(self.linger):
+                    while len(lane.items) < MAX_COMMANDS:
+                        lane.wake = trio.Event()
+                        await lane.wake.wait()
             batch = self._take(lane)
             lane.busy = True
             try:

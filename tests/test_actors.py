@@ -29,6 +29,8 @@ PROJECT = "proj"
 async def running(
     data_dir: Path, infinario: FakeInfinario, **options: Any
 ) -> AsyncIterator[Router]:
+    # No linger: tests that stop virtual time must not wait on a sender timer.
+    options.setdefault("linger", 0.0)
     config = Config(write_keys={WK: PROJECT}, data_dir=data_dir,
                     infinario_url="http://infinario.test", **options)
     async with open_router(config, transport=httpx.MockTransport(infinario.handler)) as router:
