@@ -140,6 +140,20 @@ class _Chunk:
     journal_bytes: int = 0
 
 
+@dataclass(slots=True, kw_only=True)
+class _Prepared:
+    """A round's writes, encoded in the trio thread for the writer thread to execute."""
+
+    journal_seqs: list[int]
+    customers: list[tuple[int, bytes, float | None]]
+    deleted: list[tuple[int]]
+    ids: list[tuple[str, str, int]]
+    schema: list[tuple[str, str, str, str]]
+    commands: list[tuple[int, Command, bytes, bytes | None]]
+    refused: list[tuple[Any, ...]]
+    next_key: int
+
+
 class Directory:
     """Resolves ids to customers and runs their turns; owns the session timers."""
 
@@ -178,6 +192,10 @@ class Directory:
         self.outbox_seq = outbox_seq
         self.idle = trio.Event()
         self.processing = False  # a round (messages or timers) is between turns and commit
+        self.rounds_in_flight = 0
+        # At most two rounds commit while the next one's turns run.
+        self._rounds_in, self._rounds_out = trio.open_memory_channel[
+            tuple[st.Pending[list[OutboxRow]], _Chunk, int]](2)
 
     # --- startup ---------------------------------------------------------------------------
 
@@ -221,9 +239,26 @@ class Directory:
         self, inbox: Inbox, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         journal_max = await self.load()
-        task_status.started()
-        # Messages journaled before a crash go first, in journal order; new ones
-        # queue in the inbox meanwhile (their seqs are higher).
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._committer, inbox)
+            task_status.started()
+            await self._recover(journal_max)
+            while True:
+                deadline = self._next_timer()
+                items = await inbox.get(CHUNK, deadline)
+                if not items and not self._timers_due():
+                    continue
+                self.processing = True
+                try:
+                    await self.submit_round(items, reserved=len(items))
+                finally:
+                    self.processing = False
+                if not self.rounds_in_flight:
+                    self._set_idle()
+
+    async def _recover(self, journal_max: int) -> None:
+        """Messages journaled before a crash go first, in journal order; new ones
+        queue in the inbox meanwhile (their seqs are higher)."""
         after = 0
         while True:
             rows = await self.store.call(
@@ -242,24 +277,15 @@ class Directory:
                     await self.store.call(partial(_set_aside, seq=seq, body=body,
                                                   reason=str(exc), now=self.wall()))
                     self.spool.add(-len(body))
-            await self.process(items)
+            await self.submit_round(items, reserved=0)
             after = rows[-1][0]
+        await self.flush()
         if after:
             log.info("journal recovered", upto=after)
-        while True:
-            deadline = self._next_timer()
-            items = await inbox.get(CHUNK, deadline)
-            if not items and not self._timers_due():
-                continue
-            self.processing = True
-            try:
-                await self.process(items)
-            finally:
-                self.processing = False
-            inbox.release(len(items))
-            if not len(inbox):
-                self.idle.set()
-                self.idle = trio.Event()
+
+    def _set_idle(self) -> None:
+        self.idle.set()
+        self.idle = trio.Event()
 
     def _next_timer(self) -> float:
         if not self.timers:
@@ -272,8 +298,14 @@ class Directory:
 
     # --- one round -------------------------------------------------------------------------
 
-    async def process(self, items: list[Item]) -> None:
-        """Run the turns for ``items`` and any due session timers, then commit them."""
+    async def submit_round(self, items: list[Item], *, reserved: int) -> None:
+        """Run the turns and queue their commit; ``_committer`` finishes the round.
+
+        Rounds are pipelined: the next round's turns run while this one commits.
+        That is safe because store operations run in submission order (a later
+        read sees an earlier write) and everything written is encoded here, from
+        the state as this round left it.
+        """
         now = self.wall()
         due: list[int] = []
         while self.timers and self.timers[0][0] <= now and len(due) < CHUNK:
@@ -288,14 +320,29 @@ class Directory:
             self._expire(key, now, chunk)
         if not chunk.journal_seqs and not chunk.dirty and not chunk.deleted:
             return
-        rows = await self.store.call(lambda conn: self._commit(conn, chunk, now))
-        # Here rather than in _commit, which runs in the store's writer thread:
-        # intake and the sender update the same counters from the trio thread.
-        self.spool.add(sum(row.size for row in rows) - chunk.journal_bytes)
-        if chunk.refused:
-            self.metrics.inc("dead_letters_total", len(chunk.refused), status="refused")
-        self.deliver(rows)
+        # Inbox room is given back once the round is committed (``_committer``).
+        prepared = self._prepare(chunk, now)
+        pending = self.store.submit(lambda conn: self._commit(conn, prepared, now))
+        self.rounds_in_flight += 1
+        await self._rounds_in.send((pending, chunk, reserved))
         self._trim()
+
+    async def flush(self) -> None:
+        """Wait until every submitted round has committed and been handed on."""
+        while self.rounds_in_flight:
+            await self.idle.wait()
+
+    async def _committer(self, inbox: Inbox) -> None:
+        async for pending, chunk, count in self._rounds_out:
+            rows = await pending.result()
+            self.spool.add(sum(row.size for row in rows) - chunk.journal_bytes)
+            if chunk.refused:
+                self.metrics.inc("dead_letters_total", len(chunk.refused), status="refused")
+            self.deliver(rows)
+            inbox.release(count)
+            self.rounds_in_flight -= 1
+            if not self.rounds_in_flight and not self.processing:
+                self._set_idle()
 
     async def _activate(self, items: list[Item], due: list[int]) -> None:
         """Load the customers these items and timers need that are hibernated."""
@@ -532,41 +579,57 @@ class Directory:
         chunk.commands.append((key, command, None))
         self.metrics.inc("sessions_ended_total")
 
-    def _commit(self, conn: sqlite3.Connection, chunk: _Chunk, now: float) -> list[OutboxRow]:
-        """One transaction: retire the journal rows and record everything they caused."""
-        if chunk.journal_seqs:
-            conn.executemany("DELETE FROM journal WHERE seq = ?",
-                             [(seq,) for seq in chunk.journal_seqs])
+    def _prepare(self, chunk: _Chunk, now: float) -> _Prepared:
+        """Encode everything the round wrote, here in the trio thread, as it is now."""
         timeout = self.session_timeout
-        conn.executemany(
-            "INSERT OR REPLACE INTO customers(key, state, deadline) VALUES(?, ?, ?)",
-            [(key, state_encoder.encode(state), state.deadline(timeout))
-             for key, state in chunk.dirty.items()],
-        )
-        if chunk.deleted:
-            conn.executemany("DELETE FROM customers WHERE key = ?",
-                             [(key,) for key in chunk.deleted])
-        if chunk.ids:
-            conn.executemany(
-                "INSERT OR REPLACE INTO ids(project, id, customer) VALUES(?, ?, ?)",
-                [(project, id_key, key) for (project, id_key), key in chunk.ids.items()],
-            )
-        new_schema = [
-            (project, kind, event_type, key)
-            for project, schema in self.schemas.items()
-            for kind, event_type, key in schema.drain_new()
+        commands = []
+        for customer, command, origin in chunk.commands:
+            commands.append((customer, command, encode_command(command), origin))
+        refused = [
+            (now, project, customer, origin, _json_encode([f"{code}: {reason}"]).decode(),
+             now, now)
+            for project, customer, origin, code, reason in chunk.refused
         ]
-        if new_schema:
+        return _Prepared(
+            journal_seqs=chunk.journal_seqs,
+            customers=[(key, state_encoder.encode(state), state.deadline(timeout))
+                       for key, state in chunk.dirty.items()],
+            deleted=[(key,) for key in chunk.deleted],
+            ids=[(project, id_key, key) for (project, id_key), key in chunk.ids.items()],
+            schema=[(project, kind, event_type, key)
+                    for project, schema in self.schemas.items()
+                    for kind, event_type, key in schema.drain_new()],
+            commands=commands,
+            refused=refused,
+            next_key=self.next_key,
+        )
+
+    def _commit(self, conn: sqlite3.Connection, prep: _Prepared, now: float) -> list[OutboxRow]:
+        """One transaction: retire the journal rows and record everything they caused.
+
+        Runs in the store's writer thread: it only executes SQL and numbers the
+        outbox rows (the outbox sequence is advanced only here, in order).
+        """
+        if prep.journal_seqs:
+            st.delete_seqs(conn, "journal", prep.journal_seqs)
+        if prep.customers:
+            conn.executemany(
+                "INSERT OR REPLACE INTO customers(key, state, deadline) VALUES(?, ?, ?)",
+                prep.customers)
+        if prep.deleted:
+            conn.executemany("DELETE FROM customers WHERE key = ?", prep.deleted)
+        if prep.ids:
+            conn.executemany(
+                "INSERT OR REPLACE INTO ids(project, id, customer) VALUES(?, ?, ?)", prep.ids)
+        if prep.schema:
             conn.executemany(
                 "INSERT OR IGNORE INTO schema(project, kind, event_type, key) VALUES(?, ?, ?, ?)",
-                new_schema,
-            )
+                prep.schema)
         rows: list[OutboxRow] = []
         records = []
         seq = self.outbox_seq.next
         lanes = self.lanes
-        for customer, command, origin in chunk.commands:
-            body = encode_command(command)
+        for customer, command, body, origin in prep.commands:
             lane = customer % lanes
             records.append((seq, lane, customer, body, origin, now))
             size = len(body) + (len(origin) if origin else 0)
@@ -579,15 +642,14 @@ class Directory:
                 records,
             )
         self.outbox_seq.next = seq
-        for project, customer, origin, code, reason in chunk.refused:
-            conn.execute(
+        if prep.refused:
+            conn.executemany(
                 "INSERT INTO dead_letters(created_at, project, customer, command, origin, status,"
                 " errors, attempts, first_at, last_at) VALUES(?, ?, ?, NULL, ?, 'refused', ?, 0,"
                 " ?, ?)",
-                (now, project, customer, origin, _json_encode([f"{code}: {reason}"]).decode(),
-                 now, now),
+                prep.refused,
             )
-        st.meta_set(conn, "next_customer", str(self.next_key))
+        st.meta_set(conn, "next_customer", str(prep.next_key))
         return rows
 
     def _trim(self) -> None:

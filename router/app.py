@@ -180,8 +180,10 @@ class Router:
 
     async def drain(self) -> None:
         """Wait until everything accepted so far has been answered by Infinario."""
-        while self.inbox.used or len(self.inbox) or self.directory.processing:
-            await self.directory.idle.wait()
+        directory = self.directory
+        while (self.inbox.used or len(self.inbox) or directory.processing
+               or directory.rounds_in_flight):
+            await directory.idle.wait()
         await self.sender.wait_idle()
 
     async def wait_closed(self) -> None:

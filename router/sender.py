@@ -114,6 +114,8 @@ class Sender:
         self.linger = linger
         self.lanes = [Lane(i) for i in range(lanes)]
         self._auth_reported: set[str] = set()
+        self._finishing = 0
+        self._nursery: trio.Nursery
         self._changed = trio.Event()
 
     # --- intake side -----------------------------------------------------------------------
@@ -136,7 +138,8 @@ class Sender:
         return sum(len(lane.items) for lane in self.lanes)
 
     def idle(self) -> bool:
-        return all(not lane.items and not lane.spilled and not lane.busy for lane in self.lanes)
+        return not self._finishing and all(
+            not lane.items and not lane.spilled and not lane.busy for lane in self.lanes)
 
     async def wait_idle(self) -> None:
         while not self.idle():
@@ -147,6 +150,7 @@ class Sender:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for lane in self.lanes:
                 nursery.start_soon(self._lane, lane)
             task_status.started()
@@ -269,7 +273,12 @@ class Sender:
         for _ in batch:
             items.popleft()
         items.extendleft(reversed(keep))
-        await self._finish(finished)
+        if finished.done or finished.dead:
+            # The lane goes on at once; the outbox rows are retired in the next
+            # group commit. A crash before it only means those commands are sent
+            # again, which is the at-least-once promise anyway.
+            self._finishing += 1
+            self._nursery.start_soon(self._finish, finished)
         if backoff:
             await self._backoff(lane, delay)
         else:
@@ -298,8 +307,13 @@ class Sender:
         await trio.sleep(delay)
 
     async def _finish(self, finished: _Finished) -> None:
-        if not finished.done and not finished.dead:
-            return
+        try:
+            await self._retire(finished)
+        finally:
+            self._finishing -= 1
+            self._changed.set()
+
+    async def _retire(self, finished: _Finished) -> None:
         now = self.wall()
         dead = [
             (row.seq, row.command.project, row.customer, encode_command(row.command), status,

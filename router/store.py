@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 
@@ -166,6 +166,22 @@ class _Op:
     error: BaseException | None = None
 
 
+class Pending(Generic[T]):
+    """A submitted store operation; ``await result()`` once it has committed."""
+
+    def __init__(self, op: _Op) -> None:
+        self._op = op
+
+    async def result(self) -> T:
+        # Not cancellable: the transaction runs anyway, and a caller that walked
+        # away could not tell whether its write happened.
+        with trio.CancelScope(shield=True):
+            await self._op.done.wait()
+        if self._op.error is not None:
+            raise self._op.error
+        return self._op.result  # type: ignore[no-any-return]
+
+
 class Store:
     """The one connection and its writer task. Use ``await call(fn)`` from trio."""
 
@@ -177,20 +193,22 @@ class Store:
         self.commits = 0
         self.ops = 0
 
-    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` inside the next group transaction and return its result."""
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Pending[T]:
+        """Queue ``fn(conn)`` for the next group transaction without waiting for it.
+
+        Operations run in the order submitted, so a later read sees an earlier
+        write even before the writer has been awaited.
+        """
         if self._closed:
             raise trio.ClosedResourceError("store is closed")
         op = _Op(fn, trio.Event())
         self._pending.append(op)
         self._wakeup.set()
-        # Not cancellable once queued: the transaction runs anyway, and a caller
-        # that walked away could not tell whether its write happened.
-        with trio.CancelScope(shield=True):
-            await op.done.wait()
-        if op.error is not None:
-            raise op.error
-        return op.result  # type: ignore[no-any-return]
+        return Pending(op)
+
+    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` inside the next group transaction and return its result."""
+        return await self.submit(fn).result()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer loop; runs until cancelled, finishing the round in progress."""
