@@ -296,8 +296,9 @@ def load(
             for token, section in value.items():
                 if not isinstance(section, Mapping):
                     raise ConfigError(f"projects.{token}: expected a table")
-                if "auth" in section:
-                    project_auth[str(token)] = str(section["auth"])
+                for name in ("auth", "infinario_auth", "infinario-auth"):
+                    if name in section:
+                        project_auth[str(token)] = str(section[name])
         else:
             raise ConfigError(f"config: unknown setting {key!r}")
 
