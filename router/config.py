@@ -67,7 +67,7 @@ class Config:
     # Customers kept in memory before idle ones hibernate to the store.
     active_customers: int = 100_000
     # Commands each sender lane holds in memory; the rest wait in the outbox on disk.
-    lane_window: int = 2000
+    lane_window: int = 500
     # Seconds a lane waits for a fuller request when it has fewer than 50 commands.
     linger: float = 0.02
 

@@ -35,10 +35,10 @@ from .metrics import Metrics
 
 log = structlog.get_logger("router.sender")
 
-DEFAULT_LANE_WINDOW = 2000
+DEFAULT_LANE_WINDOW = 500
 DEFAULT_LINGER = 0.02
 BACKOFF_BASE = 0.5
-BACKOFF_MAX = 60.0
+BACKOFF_MAX = 30.0
 _json_encode = msgspec.json.Encoder().encode
 
 
@@ -114,6 +114,7 @@ class Sender:
         self.linger = linger
         self.lanes = [Lane(i) for i in range(lanes)]
         self._auth_reported: set[str] = set()
+        self._answering = trio.Event()  # set whenever Infinario answers a request
         self._finishing = 0
         self._nursery: trio.Nursery
         self._changed = trio.Event()
@@ -230,6 +231,9 @@ class Sender:
         backoff = False
         if verdict.results is not None:
             self.metrics.inc("infinario_requests_total", outcome="answered")
+            if not verdict.results or verdict.results[0].outcome != "retry":
+                self._answering.set()
+                self._answering = trio.Event()
             for row, result in zip(batch, verdict.results, strict=True):
                 if result.outcome == "ok":
                     finished.done.append(row)
@@ -304,6 +308,11 @@ class Sender:
         else:
             ceiling = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** min(lane.failures - 1, 16))
             delay = ceiling * random.uniform(0.5, 1.0)
+            # Lanes back off independently, but one answered request means
+            # Infinario is back: the others stop waiting out long backoffs then.
+            with trio.move_on_after(delay):
+                await self._answering.wait()
+            return
         await trio.sleep(delay)
 
     async def _finish(self, finished: _Finished) -> None:

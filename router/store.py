@@ -78,7 +78,8 @@ def open_connection(path: Path, *, timeout: float = 5.0) -> sqlite3.Connection:
     # FULL: a commit is on disk before intake answers 200, even across power loss.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=OFF")
-    conn.execute("PRAGMA cache_size=-65536")
+    # 16 MiB: the page cache counts against RSS, and a backlog must not grow it much.
+    conn.execute("PRAGMA cache_size=-16384")
     return conn
 
 

@@ -1,0 +1,90 @@
+"""The summary table: the numbers of every scenario run, and the targets checked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float | int):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _pair(a: Any, b: Any, digits: int = 1) -> str:
+    if a is None and b is None:
+        return "-"
+    return f"{_fmt(a, digits)} / {_fmt(b, digits)}"
+
+
+NUMBERS = ["scenario", "acked msg/s", "delivered msg/s", "cmd/s delivered", "ack p50 / p99 ms",
+           "lag p99 s", "relay CPU µs/msg", "floor µs/msg", "CPU ÷ floor", "peak RSS MB",
+           "RSS growth MB", "503 / 429", "acked", "lost / extra"]
+
+
+def number_row(r: dict[str, Any]) -> list[str]:
+    m = r.get("metrics", {})
+    return [
+        r["scenario"] + (" (ERROR)" if r.get("error") else ""),
+        _fmt(m.get("acked_per_s")),
+        _fmt(m.get("delivered_per_s")),
+        _fmt(m.get("commands_per_s")),
+        _pair(m.get("ack_p50_ms"), m.get("ack_p99_ms")),
+        _fmt(m.get("lag_p99_s"), 2),
+        _fmt(m.get("relay_cpu_us_per_msg"), 1),
+        _fmt(m.get("codec_floor_us"), 2),
+        _fmt(m.get("cpu_floor_ratio"), 1),
+        _fmt(m.get("peak_rss_mb")),
+        _fmt(m.get("rss_growth_mb"), 1),
+        _pair(m.get("http_503"), m.get("http_429"), 0),
+        _fmt(m.get("acked_messages")),
+        _pair(m.get("lost_messages"), m.get("extra_deliveries"), 0),
+    ]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+            *(line(row) for row in rows)]
+
+
+def summary(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    machine = header["machine"]
+    lines = [
+        f"# Benchmark summary ({header['mode']}, {header['timestamp']})",
+        "",
+        f"Machine: {machine['cores']} cores, Python {machine['python']}, "
+        f"{machine['platform']}; load average at start {machine['load_average']}. "
+        f"Codec floor (msgspec decode intake + encode legacy bulk): "
+        + ", ".join(f"{k} {v:.2f} µs/msg" for k, v in header["floor_us"].items()) + ".",
+        "",
+        *_table(NUMBERS, [number_row(r) for r in results]),
+        "",
+        "Targets:",
+        "",
+    ]
+    rows = []
+    for r in results:
+        for t in r.get("targets", []):
+            value = t["value"]
+            digits = 0 if value is None or float(value).is_integer() else 1
+            rows.append([r["scenario"], t["name"], f"{_fmt(value, digits)} {t['unit']}",
+                         f"{t['op']} {_fmt(t['limit'])} {t['unit']}",
+                         "PASS" if t["pass"] else "FAIL"])
+        if r.get("error"):
+            rows.append([r["scenario"], "ran to completion", r["error"].splitlines()[0][:60],
+                         "no error", "FAIL"])
+        for timeout in r.get("metrics", {}).get("drain_timeouts", []):
+            rows.append([r["scenario"], f"delivered after {timeout['phase']}",
+                         f"{_fmt(timeout['delivered'])} of {_fmt(timeout['acked'])}",
+                         f"all within {timeout['timeout_s']:.0f} s", "FAIL"])
+    lines += _table(["scenario", "target", "measured", "limit", "result"], rows)
+    passed = sum(1 for row in rows if row[-1] == "PASS")
+    lines += ["", f"{passed} of {len(rows)} checks passed."]
+    return "\n".join(lines) + "\n"
