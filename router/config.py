@@ -69,7 +69,7 @@ class Config:
     # Commands each sender lane holds in memory; the rest wait in the outbox on disk.
     lane_window: int = 500
     # Seconds a lane waits for a fuller request when it has fewer than 50 commands.
-    linger: float = 0.02
+    linger: float = 0.05
 
     def __post_init__(self) -> None:
         if not isinstance(self.data_dir, Path):

@@ -36,7 +36,7 @@ from .metrics import Metrics
 log = structlog.get_logger("router.sender")
 
 DEFAULT_LANE_WINDOW = 500
-DEFAULT_LINGER = 0.02
+DEFAULT_LINGER = 0.05
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 30.0
 _json_encode = msgspec.json.Encoder().encode
