@@ -51,6 +51,8 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--log-format", choices=["json", "console"], help="log format (json)")
     p.add_argument("--log-level", help="debug, info, warning or error (info)")
     p.add_argument("--active-customers", help="customers kept in memory (100000)")
+    p.add_argument("--lane-window", help="commands each sender lane keeps in memory (500)")
+    p.add_argument("--linger", help="seconds a lane waits to fill a request (0.05)")
     p.add_argument("--simulate", action="store_const", const=True,
                    help="run the built-in Infinario simulator and deliver to it")
     p.add_argument("--simulator-listen", default=DEFAULT_SIMULATOR_LISTEN,
