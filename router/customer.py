@@ -158,6 +158,8 @@ def _visit(
 ) -> list[Command]:
     props, sanitized = event_properties(message.get("properties"), message.get("context"))
     ctx.sanitized += sanitized
+    if props is message.get("properties"):
+        props = dict(props)  # it is the message's own dict; name/category go on a copy
     for field in ("name", "category"):
         value = message.get(field)
         if value is not None and field not in props:
