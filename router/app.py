@@ -320,8 +320,10 @@ def _gauges(router: Router) -> None:
 
 
 async def _sweep_dedup(router: Router) -> None:
+    # A short window is swept often enough to be honoured; a long one once a minute.
+    interval = min(DEDUP_SWEEP, max(0.05, router.config.dedup_window / 2))
     while True:
-        await trio.sleep(DEDUP_SWEEP)
+        await trio.sleep(interval)
         before = router.wall() - router.config.dedup_window
         await router.store.call(partial(st.dedup_expire, before=before))
 

@@ -724,6 +724,40 @@ class TestDedup:
                 await router.drain()
         assert sorted(c["data"]["project_id"] for c in infinario.commands) == ["proj", "proj2"]
 
+    async def test_dedup_survives_a_restart(self, tmp_path: Path) -> None:
+        infinario = FakeInfinario()
+        config = relay_config(tmp_path)
+        body = {"batch": [track(1), track(2)]}
+        for expected in ({"accepted": 2, "duplicates": 0}, {"accepted": 0, "duplicates": 2}):
+            async with open_router(config, http=True,
+                                   transport=httpx.MockTransport(infinario.handler)) as router:
+                assert router.url is not None
+                async with httpx.AsyncClient(base_url=router.url) as client:
+                    response = await client.post("/v1/batch", json=body,
+                                                 headers=basic(WRITE_KEY))
+                assert response.status_code == 200
+                assert {k: response.json()[k] for k in expected} == expected
+                with trio.fail_after(10):
+                    await router.drain()
+        assert len(infinario.commands) == 2
+
+    async def test_dedup_window_expires(self, tmp_path: Path) -> None:
+        infinario = FakeInfinario()
+        config = relay_config(tmp_path, dedup_window=0.2)
+        async with open_router(config, http=True,
+                               transport=httpx.MockTransport(infinario.handler)) as router:
+            assert router.url is not None
+            async with httpx.AsyncClient(base_url=router.url) as client:
+                body = {"batch": [track(1)]}
+                await client.post("/v1/batch", json=body, headers=basic(WRITE_KEY))
+                # Past the window and at least one sweep (every half window).
+                await trio.sleep(0.5)
+                response = await client.post("/v1/batch", json=body, headers=basic(WRITE_KEY))
+            assert response.json()["accepted"] == 1
+            with trio.fail_after(10):
+                await router.drain()
+        assert len(infinario.commands) == 2
+
     async def test_partial_overlap_and_single_endpoint(self, relay: Relay) -> None:
         headers = basic(WRITE_KEY)
         await relay.client.post("/v1/batch", json={"batch": [track(1), track(2)]},
