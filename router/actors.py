@@ -134,7 +134,6 @@ class _Chunk:
     dirty: dict[int, CustomerState] = field(default_factory=dict)
     deleted: set[int] = field(default_factory=set)
     ids: dict[tuple[str, str], int] = field(default_factory=dict)
-    unlinked: set[tuple[str, str]] = field(default_factory=set)
     commands: list[tuple[int, Command, bytes | None]] = field(default_factory=list)
     refused: list[tuple[str, int, bytes, str, str]] = field(default_factory=list)
     journal_bytes: int = 0
@@ -400,7 +399,6 @@ class Directory:
         pair = (project, id_key)
         self.index[pair] = state.key
         chunk.ids[pair] = state.key
-        chunk.unlinked.discard(pair)
         # The state gained this id: persist it with the index row even when the
         # turn that follows is refused, or a hibernated copy would lack an id the
         # index gives it (and e.g. take a second registered id).

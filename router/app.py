@@ -15,7 +15,6 @@ import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -49,14 +48,6 @@ class State(enum.Enum):
     RUNNING = "running"
     DRAINING = "draining"
     CLOSED = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class Stats:
-    inbox: int
-    outbox_in_memory: int
-    spool_bytes: int
-    journal_commits: int
 
 
 class Router:
@@ -172,9 +163,6 @@ class Router:
         status = "ok" if self.state is State.RUNNING else self.state.value
         return {"status": status, "spool_bytes": self.spool.bytes,
                 "inbox": len(self.inbox), "outbox_in_memory": self.sender.pending}
-
-    def stats(self) -> Stats:
-        return Stats(len(self.inbox), self.sender.pending, self.spool.bytes, self.store.commits)
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -12,11 +12,13 @@ import datetime as dt
 import json
 import sqlite3
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 from . import store as st
 from .commands import decode_command
+from .config import DEFAULT_DATA_DIR
 from .errors import StartupError
 
 
@@ -28,8 +30,7 @@ def run(args: argparse.Namespace, load_config: Callable[[argparse.Namespace], An
     if args.data_dir is not None:
         data_dir = args.data_dir
     else:
-        data_dir = load_config(args).data_dir if args.config else st.DataDir(
-            __import__("pathlib").Path("./var")).path
+        data_dir = load_config(args).data_dir if args.config else DEFAULT_DATA_DIR
     path = data_dir / st.DB_NAME
     if not path.exists():
         raise StartupError(f"no relay database at {str(path)!r}; pass the relay's --data-dir")
@@ -117,7 +118,7 @@ def _replay(conn: sqlite3.Connection, data_dir: Any, where: str, params: list[An
             counter = st.SeqCounter(st.max_seq(conn, "outbox") + 1)
             from .sender import replay_marked
 
-            replay_marked(conn, counter, lanes, __import__("time").time())
+            replay_marked(conn, counter, lanes, time.time())
         conn.execute("COMMIT")
     finally:
         lock.unlock()

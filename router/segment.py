@@ -71,15 +71,19 @@ class TooDeep(Rejected):
         super().__init__("too_deep", f"JSON nests deeper than {MAX_DEPTH} levels")
 
 
-def decode_json(body: bytes) -> Any:
+def _decode_checked(data: bytes, what: str) -> Any:
     try:
-        value = _decoder.decode(body)
+        value = _decoder.decode(data)
     except msgspec.DecodeError as exc:
-        raise Rejected("invalid_json", f"request body is not valid JSON: {exc}") from None
+        raise Rejected("invalid_json", f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
         raise TooDeep() from None
-    _check_depth(body, value)
+    _check_depth(data, value)
     return value
+
+
+def decode_json(body: bytes) -> Any:
+    return _decode_checked(body, "request body")
 
 
 def decode_envelope(body: bytes) -> Envelope:
@@ -110,14 +114,7 @@ def decode_item(raw: msgspec.Raw) -> Any:
             "message_too_large",
             f"message is {len(raw)} bytes; the limit is {MAX_MESSAGE_BYTES} bytes",
         )
-    try:
-        value = _decoder.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise Rejected("invalid_json", f"message is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise TooDeep() from None
-    _check_depth(bytes(raw), value)
-    return value
+    return _decode_checked(bytes(raw), "message")
 
 
 # --- time ------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import errno
 import fcntl
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +191,6 @@ class Store:
         self._wakeup = trio.Event()
         self._closed = False
         self.commits = 0
-        self.ops = 0
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Pending[T]:
         """Queue ``fn(conn)`` for the next group transaction without waiting for it.
@@ -256,7 +254,6 @@ class Store:
                     op.error = exc
                     op.result = None
         self.commits += 1
-        self.ops += len(ops)
 
     def close(self) -> None:
         self._closed = True
@@ -369,10 +366,6 @@ def outbox_relane(conn: sqlite3.Connection, lanes: int) -> None:
     if previous != str(lanes):
         conn.execute("UPDATE outbox SET lane = customer % ?", (lanes,))
         meta_set(conn, "lanes", str(lanes))
-
-
-def now() -> float:
-    return time.time()
 
 
 class SeqCounter:
