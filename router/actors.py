@@ -33,6 +33,7 @@ import trio
 from . import store as st
 from .commands import Command, encode_command
 from .customer import (
+    CHANGES_STATE,
     CustomerState,
     TurnContext,
     close_session,
@@ -437,7 +438,10 @@ class Directory:
             deadline = state.deadline(self.session_timeout)
             assert deadline is not None
             heapq.heappush(self.timers, (deadline, state.key))
-        chunk.dirty[state.key] = state
+        if message["type"] in CHANGES_STATE:
+            # Other turns only read the record (id changes are marked in
+            # _resolve), and rewriting it for every track would double the writes.
+            chunk.dirty[state.key] = state
         for command in commands:
             chunk.commands.append((state.key, command, item.body))
         self.metrics.inc("messages_processed_total", type=message["type"])

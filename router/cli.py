@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ from . import config as cfg
 from .errors import ConfigError, RouterError
 
 DEFAULT_SIMULATOR_LISTEN = "127.0.0.1:8090"
+# Young collections every 50,000 allocations instead of 700; older ones rarer too.
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def _serve_parser(sub: Any) -> None:
@@ -129,11 +132,24 @@ def _serve(args: argparse.Namespace) -> int:
         if not config.write_keys:
             # Trying the relay out needs a write key; a production relay must name its own.
             config = config.with_(write_keys={"demo": "demo-project"})
+    tune_gc()
     try:
         trio.run(partial(_run, config, args.simulator_listen))
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def tune_gc() -> None:
+    """Collect garbage far less often than Python's default.
+
+    The relay allocates a few dozen short-lived containers per message and makes
+    almost no reference cycles, so the default (a young collection every 700
+    allocations, each promoting whatever is in flight) spent about a fifth of its
+    CPU finding nothing. Objects alive at startup are frozen out of collections.
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def _run(config: cfg.Config, simulator_listen: str) -> None:

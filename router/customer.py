@@ -27,6 +27,9 @@ from .segment import TIME_KEY
 
 SESSION_START = "session_start"
 SESSION_END = "session_end"
+# The message types whose turn may change the customer's record (sessions,
+# group); the others only read it.
+CHANGES_STATE = frozenset({"page", "screen", "group"})
 
 
 class CustomerState(msgspec.Struct, array_like=True, gc=False):

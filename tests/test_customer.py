@@ -9,6 +9,7 @@ import pytest
 
 from router.commands import Command
 from router.customer import (
+    CHANGES_STATE,
     SESSION_END,
     SESSION_START,
     CustomerState,
@@ -17,6 +18,8 @@ from router.customer import (
     close_session,
     end_session,
     merge_into,
+    state_decoder,
+    state_encoder,
     turn,
 )
 from router.mapping import EventPolicy, LimitExceeded, Limits, Schema
@@ -385,3 +388,34 @@ class TestMergeInto:
         merge_into(survivor, CustomerState(2, PROJECT, cookies=["a1"]))
         assert (survivor.session_start, survivor.session_last) == (T0, T0 + 5)
         assert survivor.cookies == ["a1"]
+
+
+class TestWhichTurnsChangeTheRecord:
+    """The directory rewrites a customer's record only after the turns in CHANGES_STATE."""
+
+    @pytest.mark.parametrize("message", [
+        msg("track", userId="u1", anonymousId="a1", event="Clicked",
+            properties={"a": {"b": 1}}, context=CONTEXT),
+        msg("identify", userId="u1", anonymousId="a1", traits={"email": "x@example.com"}),
+        msg("alias", userId="u1", previousId="a1"),
+    ], ids=["track", "identify", "alias"])
+    def test_other_turns_leave_the_record_as_it_was(self, message: dict[str, Any]) -> None:
+        assert message["type"] not in CHANGES_STATE
+        before = state(registered="u1", cookies=["a1"], group_id="g1", group_keys=["group_x"],
+                       session_start=T0 - 60, session_last=T0 - 30,
+                       session_ids={"registered": "u1"}, session_seen=T0 - 30)
+        after = state_decoder.decode(state_encoder.encode(before))  # a deep copy
+        turn(after, message, ctx())
+        assert after == before
+
+    @pytest.mark.parametrize("message", [
+        msg("page", userId="u1", name="Home"),
+        msg("screen", userId="u1", name="Home"),
+        msg("group", userId="u1", groupId="g2", traits={"plan": "pro"}),
+    ], ids=["page", "screen", "group"])
+    def test_session_and_group_turns_change_it(self, message: dict[str, Any]) -> None:
+        assert message["type"] in CHANGES_STATE
+        before = state(registered="u1")
+        after = state(registered="u1")
+        turn(after, message, ctx())
+        assert after != before
