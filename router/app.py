@@ -13,6 +13,8 @@ from __future__ import annotations
 import enum
 import signal
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -195,6 +197,21 @@ def _journal(
     return seqs
 
 
+def infinario_transport(config: Config) -> httpx.AsyncBaseTransport:
+    """A pooled HTTP transport to Infinario, one connection per lane.
+
+    Honours the standard proxy variables (``HTTPS_PROXY``, ``HTTP_PROXY``,
+    ``NO_PROXY``) for the Infinario host, as an HTTP client would.
+    """
+    limits = httpx.Limits(max_connections=config.concurrency,
+                          max_keepalive_connections=config.concurrency)
+    url = urllib.parse.urlsplit(config.infinario_url)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and url.hostname and urllib.request.proxy_bypass(url.hostname):
+        proxy = None
+    return httpx.AsyncHTTPTransport(limits=limits, proxy=proxy or None)
+
+
 def make_dialect(config: Config) -> Dialect:
     if config.api == "v2":
         projects = set(config.write_keys.values()) | set(config.project_auth)
@@ -232,12 +249,8 @@ async def open_router(
     limits = Limits(customer_keys=config.max_customer_keys, event_keys=config.max_event_keys,
                     event_types=config.max_event_types)
     policy = EventPolicy(renames=dict(config.renames), allow_campaign=config.allow_campaign)
-    client = httpx.AsyncClient(
-        transport=transport,
-        timeout=config.request_timeout,
-        limits=httpx.Limits(max_connections=config.concurrency,
-                            max_keepalive_connections=config.concurrency),
-    )
+    if transport is None:
+        transport = infinario_transport(config)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
@@ -249,7 +262,8 @@ async def open_router(
             router.spool.add(spooled)
             router.sender = Sender(
                 store=store, dialect=make_dialect(config), base_url=config.infinario_url,
-                lanes=config.concurrency, client=client, retry_window=config.retry_window,
+                lanes=config.concurrency, transport=transport,
+                timeout=config.request_timeout, retry_window=config.retry_window,
                 rate_limit=config.effective_rate_limit, metrics=metrics, spool=router.spool,
                 wall=router.wall, window=config.lane_window, linger=config.linger,
             )
@@ -287,7 +301,7 @@ async def open_router(
                 nursery.cancel_scope.cancel()
     finally:
         router.state = State.CLOSED
-        await client.aclose()
+        await transport.aclose()
         store.close()
         data_dir.unlock()
         log.info("router stopped")

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import msgspec
+import pytest
 
+from router.app import infinario_transport
 from router.commands import Command
+from router.config import Config
 from router.infinario import V2, Legacy
 
 EVENT = Command("event", "tok", {"registered": "u1"}, {"a": 1}, 1700000000.5, "purchase")
@@ -86,3 +89,29 @@ class TestV2:
 
     def test_429_is_resent(self) -> None:
         assert V2({}).verdict(429, b"", 1, None).retry
+
+
+class TestTransport:
+    """The relay's own transport to Infinario honours the standard proxy variables."""
+
+    @staticmethod
+    def pool(monkeypatch: pytest.MonkeyPatch, url: str, **env: str) -> str:
+        for name in ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy",
+                     "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        transport = infinario_transport(Config(infinario_url=url))
+        return type(transport._pool).__name__
+
+    def test_direct_without_proxy_variables(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        assert self.pool(monkeypatch, "https://api.infinario.com") == "AsyncConnectionPool"
+
+    def test_https_proxy_is_used(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        assert self.pool(monkeypatch, "https://api.infinario.com",
+                         HTTPS_PROXY="http://proxy.internal:3128") == "AsyncHTTPProxy"
+
+    def test_no_proxy_bypasses_it(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        assert self.pool(monkeypatch, "https://api.infinario.com",
+                         HTTPS_PROXY="http://proxy.internal:3128",
+                         NO_PROXY="api.infinario.com") == "AsyncConnectionPool"
