@@ -614,19 +614,13 @@ class Directory:
         """
         if prep.journal_seqs:
             st.delete_seqs(conn, "journal", prep.journal_seqs)
-        if prep.customers:
-            conn.executemany(
-                "INSERT OR REPLACE INTO customers(key, state, deadline) VALUES(?, ?, ?)",
-                prep.customers)
+        st.insert_many(conn, "INSERT OR REPLACE INTO customers(key, state, deadline)",
+                       prep.customers)
         if prep.deleted:
             conn.executemany("DELETE FROM customers WHERE key = ?", prep.deleted)
-        if prep.ids:
-            conn.executemany(
-                "INSERT OR REPLACE INTO ids(project, id, customer) VALUES(?, ?, ?)", prep.ids)
-        if prep.schema:
-            conn.executemany(
-                "INSERT OR IGNORE INTO schema(project, kind, event_type, key) VALUES(?, ?, ?, ?)",
-                prep.schema)
+        st.insert_many(conn, "INSERT OR REPLACE INTO ids(project, id, customer)", prep.ids)
+        st.insert_many(conn, "INSERT OR IGNORE INTO schema(project, kind, event_type, key)",
+                       prep.schema)
         rows: list[OutboxRow] = []
         records = []
         seq = self.outbox_seq.next
@@ -637,12 +631,8 @@ class Directory:
             size = len(body) + (len(origin) if origin else 0)
             rows.append(OutboxRow(seq, lane, customer, command, now, size=size))
             seq += 1
-        if records:
-            conn.executemany(
-                "INSERT INTO outbox(seq, lane, customer, body, origin, first_at) "
-                "VALUES(?, ?, ?, ?, ?, ?)",
-                records,
-            )
+        st.insert_many(conn, "INSERT INTO outbox(seq, lane, customer, body, origin, first_at)",
+                       records)
         self.outbox_seq.next = seq
         if prep.refused:
             conn.executemany(
