@@ -31,7 +31,7 @@ import structlog
 import trio
 
 from . import store as st
-from .commands import Command, encode_command
+from .commands import Command, Encoded, encode_command
 from .customer import (
     CHANGES_STATE,
     CustomerState,
@@ -70,7 +70,8 @@ class OutboxRow:
     seq: int
     lane: int
     customer: int
-    command: Command
+    command: Encoded
+    body: bytes  # the command's outbox bytes
     first_at: float
     attempts: int = 0
     size: int = 0  # bytes it holds in the spool
@@ -149,7 +150,7 @@ class _Prepared:
     deleted: list[tuple[int]]
     ids: list[tuple[str, str, int]]
     schema: list[tuple[str, str, str, str]]
-    commands: list[tuple[int, Command, bytes, bytes | None]]
+    commands: list[tuple[int, Encoded, bytes, bytes | None]]
     refused: list[tuple[Any, ...]]
     next_key: int
 
@@ -586,7 +587,8 @@ class Directory:
         timeout = self.session_timeout
         commands = []
         for customer, command, origin in chunk.commands:
-            commands.append((customer, command, encode_command(command), origin))
+            encoded, body = encode_command(command)
+            commands.append((customer, encoded, body, origin))
         refused = [
             (now, project, customer, origin, _json_encode([f"{code}: {reason}"]).decode(),
              now, now)
@@ -629,7 +631,7 @@ class Directory:
             lane = customer % lanes
             records.append((seq, lane, customer, body, origin, now))
             size = len(body) + (len(origin) if origin else 0)
-            rows.append(OutboxRow(seq, lane, customer, command, now, size=size))
+            rows.append(OutboxRow(seq, lane, customer, command, body, now, size=size))
             seq += 1
         st.insert_many(conn, "INSERT INTO outbox(seq, lane, customer, body, origin, first_at)",
                        records)

@@ -31,12 +31,41 @@ class Command(msgspec.Struct, array_like=True, gc=False):
     event_type: str | None = None
 
 
+class Encoded(msgspec.Struct, array_like=True, gc=False):
+    """A command as the outbox holds it: ``ids`` and ``properties`` stay encoded.
+
+    Its JSON is exactly a ``Command``'s, so either reads the other's rows. The
+    dialects splice the two encoded parts into their request bodies, so the
+    properties (most of a command's bytes) are encoded once, not once for the
+    outbox and again for every request, and a command waiting to be sent holds
+    bytes instead of live dicts.
+    """
+
+    kind: CommandKind
+    project: str
+    ids: msgspec.Raw
+    properties: msgspec.Raw
+    timestamp: float
+    event_type: str | None = None
+
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Command)
+_encoded_decoder = msgspec.json.Decoder(Encoded)
 
 
-def encode_command(command: Command) -> bytes:
-    return _encoder.encode(command)
+def encode_command(command: Command) -> tuple[Encoded, bytes]:
+    """The outbox form of ``command`` and its bytes."""
+    encode = _encoder.encode
+    encoded = Encoded(command.kind, command.project, msgspec.Raw(encode(command.ids)),
+                      msgspec.Raw(encode(command.properties)), command.timestamp,
+                      command.event_type)
+    return encoded, encode(encoded)
+
+
+def decode_encoded(data: bytes) -> Encoded:
+    """An outbox row's command; its encoded parts are views into ``data``."""
+    return _encoded_decoder.decode(data)
 
 
 def decode_command(data: bytes) -> Command:

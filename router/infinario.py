@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
-from .commands import Command
+from .commands import Encoded
 
 MAX_COMMANDS = 50
 
@@ -23,6 +23,45 @@ Outcome = Literal["ok", "retry", "error"]
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
+
+
+# The wire shapes. ``ids`` and ``properties`` arrive encoded and are spliced in.
+
+
+class _LegacyEvent(msgspec.Struct, gc=False):
+    customer_ids: msgspec.Raw
+    project_id: str
+    type: str | None
+    properties: msgspec.Raw
+    timestamp: float
+
+
+class _LegacyCustomer(msgspec.Struct, gc=False):
+    ids: msgspec.Raw
+    project_id: str
+    properties: msgspec.Raw
+
+
+class _V2Event(msgspec.Struct, gc=False):
+    customer_ids: msgspec.Raw
+    event_type: str | None
+    timestamp: float
+    properties: msgspec.Raw
+
+
+class _V2Customer(msgspec.Struct, gc=False):
+    customer_ids: msgspec.Raw
+    properties: msgspec.Raw
+    update_timestamp: float
+
+
+class _Named(msgspec.Struct, gc=False):
+    name: str
+    data: _LegacyEvent | _LegacyCustomer | _V2Event | _V2Customer
+
+
+class _Commands(msgspec.Struct, gc=False):
+    commands: list[_Named]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +94,7 @@ class Dialect(Protocol):
 
     def url(self, base: str, project: str) -> str: ...
 
-    def body(self, commands: Sequence[Command]) -> bytes: ...
+    def body(self, commands: Sequence[Encoded]) -> bytes: ...
 
     def headers(self, project: str) -> dict[str, str]: ...
 
@@ -107,17 +146,16 @@ class Legacy:
     def headers(self, project: str) -> dict[str, str]:
         return {"Content-Type": "application/json"}
 
-    def body(self, commands: Sequence[Command]) -> bytes:
-        out = []
+    def body(self, commands: Sequence[Encoded]) -> bytes:
+        out: list[_Named] = []
         for c in commands:
             if c.kind == "event":
-                out.append({"name": "crm/events", "data": {
-                    "customer_ids": c.ids, "project_id": c.project, "type": c.event_type,
-                    "properties": c.properties, "timestamp": c.timestamp}})
+                out.append(_Named("crm/events", _LegacyEvent(
+                    c.ids, c.project, c.event_type, c.properties, c.timestamp)))
             else:
-                out.append({"name": "crm/customers", "data": {
-                    "ids": c.ids, "project_id": c.project, "properties": c.properties}})
-        return _encode({"commands": out})
+                out.append(_Named("crm/customers", _LegacyCustomer(
+                    c.ids, c.project, c.properties)))
+        return _encode(_Commands(out))
 
     def verdict(self, status: int, body: bytes, count: int, retry_after: str | None) -> Verdict:
         transport = _transport_verdict(status, body, retry_after)
@@ -163,20 +201,17 @@ class V2:
             headers["Authorization"] = value
         return headers
 
-    def body(self, commands: Sequence[Command]) -> bytes:
-        out = []
+    def body(self, commands: Sequence[Encoded]) -> bytes:
+        out: list[_Named] = []
         for c in commands:
             if c.kind == "event":
-                out.append({"name": "customers/events", "data": {
-                    "customer_ids": c.ids, "event_type": c.event_type,
-                    "timestamp": c.timestamp, "properties": c.properties}})
+                out.append(_Named("customers/events", _V2Event(
+                    c.ids, c.event_type, c.timestamp, c.properties)))
             else:
                 # Commands in one v2 batch run in no guaranteed order:
                 # update_timestamp keeps an older update from winning.
-                out.append({"name": "customers", "data": {
-                    "customer_ids": c.ids, "properties": c.properties,
-                    "update_timestamp": c.timestamp}})
-        return _encode({"commands": out})
+                out.append(_Named("customers", _V2Customer(c.ids, c.properties, c.timestamp)))
+        return _encode(_Commands(out))
 
     def verdict(self, status: int, body: bytes, count: int, retry_after: str | None) -> Verdict:
         transport = _transport_verdict(status, body, retry_after)

@@ -29,7 +29,7 @@ import trio
 
 from . import store as st
 from .actors import OutboxRow, Spool
-from .commands import Command, decode_command, encode_command
+from .commands import Encoded, decode_encoded
 from .infinario import MAX_COMMANDS, Dialect, Verdict
 from .metrics import Metrics
 
@@ -190,7 +190,8 @@ class Sender:
         )
         for seq, customer, body, first_at, size in rows:
             lane.items.append(
-                OutboxRow(seq, lane.index, customer, decode_command(body), first_at, size=size)
+                OutboxRow(seq, lane.index, customer, decode_encoded(body), body, first_at,
+                          size=size)
             )
             lane.loaded_upto = seq
         if len(rows) < self.window and lane.spilled_max <= lane.loaded_upto:
@@ -212,7 +213,7 @@ class Sender:
         project = batch[0].command.project
         if self.bucket is not None:
             await self.bucket.acquire()
-        commands: list[Command] = [row.command for row in batch]
+        commands: list[Encoded] = [row.command for row in batch]
         for row in batch:
             row.attempts += 1
         try:
@@ -341,7 +342,7 @@ class Sender:
     async def _retire(self, finished: _Finished) -> None:
         now = self.wall()
         dead = [
-            (row.seq, row.command.project, row.customer, encode_command(row.command), status,
+            (row.seq, row.command.project, row.customer, row.body, status,
              _json_encode([reason]).decode(), row.attempts, row.first_at, now)
             for row, status, reason in finished.dead
         ]
@@ -369,7 +370,7 @@ class Sender:
             )
             if rows:
                 log.info("dead letters replayed", count=len(rows))
-                self.spool.add(sum(len(encode_command(r.command)) for r in rows))
+                self.spool.add(sum(r.size for r in rows))
                 self.deliver(rows)
 
 
@@ -406,5 +407,7 @@ def replay_marked(
             (seq, lane, customer, body, origin, now),
         )
         conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_id,))
-        out.append(OutboxRow(seq, lane, int(customer), decode_command(body), now))
+        size = len(body) + (len(origin) if origin else 0)
+        out.append(OutboxRow(seq, lane, int(customer), decode_encoded(body), body, now,
+                             size=size))
     return out

@@ -239,26 +239,45 @@ class Store:
                     op.done.set()
 
     def _transaction(self, ops: Sequence[_Op]) -> None:
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        """Run ``ops`` in one transaction; if one of them raises, run each alone.
+
+        The common case pays for no savepoints: each would be two more
+        statements, and every statement hands the GIL over to this thread and
+        back. When an op raises, everything is rolled back and the ops run again
+        in order, one transaction each, so only the failing op fails. Ops are
+        functions of the connection, safe to run again after a rollback (at
+        worst a sequence skips the numbers of the rolled-back attempt).
+        """
+        if not self._attempt(ops) and len(ops) > 1:
             for op in ops:
-                conn.execute("SAVEPOINT op")
-                try:
-                    op.result = op.fn(conn)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    op.error = exc
-                conn.execute("RELEASE op")
+                self._attempt([op])
+        self.commits += 1
+
+    def _attempt(self, ops: Sequence[_Op]) -> bool:
+        """One transaction for ``ops``; False when an op raised and all was rolled back."""
+        conn = self.conn
+        current: _Op | None = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in ops:
+                current = op
+                op.result, op.error = op.fn(conn), None
+            current = None
             conn.execute("COMMIT")
+            return True
         except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             for op in ops:
-                if op.error is None:
-                    op.error = exc
-                    op.result = None
-        self.commits += 1
+                op.result = None
+            if current is not None and isinstance(exc, Exception):
+                current.error = exc
+                return False
+            # Not an op's fault (the commit failed, or the thread is going away):
+            # every op in the transaction failed with it.
+            for op in ops:
+                op.error = exc
+            return True
 
     def close(self) -> None:
         self._closed = True

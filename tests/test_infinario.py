@@ -4,12 +4,35 @@ import msgspec
 import pytest
 
 from router.app import infinario_transport
-from router.commands import Command
+from router.commands import Command, decode_command, decode_encoded, encode_command
 from router.config import Config
 from router.infinario import V2, Legacy
 
-EVENT = Command("event", "tok", {"registered": "u1"}, {"a": 1}, 1700000000.5, "purchase")
-CUSTOMER = Command("customer", "tok", {"cookie": "c1"}, {"name": "Ada"}, 1700000001.0)
+# As the sender holds them: in their outbox form, ids and properties encoded.
+EVENT, EVENT_BYTES = encode_command(
+    Command("event", "tok", {"registered": "u1"}, {"a": 1}, 1700000000.5, "purchase"))
+CUSTOMER, CUSTOMER_BYTES = encode_command(
+    Command("customer", "tok", {"cookie": "c1"}, {"name": "Ada"}, 1700000001.0))
+
+
+class TestOutboxForm:
+    """The outbox form is a command's own JSON, readable either way, parts kept encoded."""
+
+    def test_round_trip_through_either_reader(self) -> None:
+        command = Command("event", "tok", {"registered": "u1", "cookie": "c1"},
+                          {"a": [1, {"b": None}], "é": "ü"}, 1700000000.25, "purchase")
+        encoded, data = encode_command(command)
+        assert data == msgspec.json.encode(command) == msgspec.json.encode(encoded)
+        assert decode_command(data) == command
+        again = decode_encoded(data)
+        assert msgspec.json.decode(again.properties) == command.properties
+        assert msgspec.json.decode(again.ids) == command.ids
+        assert (again.kind, again.project, again.timestamp, again.event_type) == (
+            "event", "tok", 1700000000.25, "purchase")
+
+    def test_rows_read_back_encode_the_same_request(self) -> None:
+        assert Legacy().body([decode_encoded(EVENT_BYTES), decode_encoded(CUSTOMER_BYTES)]) == \
+            Legacy().body([EVENT, CUSTOMER])
 
 
 class TestLegacyEncoding:
