@@ -201,12 +201,13 @@ def infinario_transport(config: Config) -> httpx.AsyncBaseTransport:
     """A pooled HTTP transport to Infinario, one connection per lane.
 
     Honours the standard proxy variables (``HTTPS_PROXY``, ``HTTP_PROXY``,
-    ``NO_PROXY``) for the Infinario host, as an HTTP client would.
+    ``ALL_PROXY``, ``NO_PROXY``) for the Infinario host, as an HTTP client would.
     """
     limits = httpx.Limits(max_connections=config.concurrency,
                           max_keepalive_connections=config.concurrency)
     url = urllib.parse.urlsplit(config.infinario_url)
-    proxy = urllib.request.getproxies().get(url.scheme)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
     if proxy and url.hostname and urllib.request.proxy_bypass(url.hostname):
         proxy = None
     return httpx.AsyncHTTPTransport(limits=limits, proxy=proxy or None)

@@ -4,8 +4,8 @@ All reads and writes go through a single connection driven by one writer task:
 callers ``await store.call(fn)`` and every operation queued while the previous
 transaction was running is executed in the next one, so concurrent requests
 share one commit (group commit) and durability costs one fsync per round, not
-one per request. Operations run in a SAVEPOINT each, so one failing operation
-does not undo its neighbours.
+one per request. One failing operation does not undo its neighbours: the round
+is rolled back and its operations run again one transaction each.
 
 Tables:
     journal        accepted Segment messages not yet turned into commands

@@ -138,3 +138,7 @@ class TestTransport:
         assert self.pool(monkeypatch, "https://api.infinario.com",
                          HTTPS_PROXY="http://proxy.internal:3128",
                          NO_PROXY="api.infinario.com") == "AsyncConnectionPool"
+
+    def test_all_proxy_is_the_fallback(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        assert self.pool(monkeypatch, "http://infinario.internal",
+                         ALL_PROXY="http://proxy.internal:3128") == "AsyncHTTPProxy"
