@@ -360,8 +360,7 @@ def insert_many(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any
 
     ``executemany`` steps once per row, and the sqlite3 module releases and
     retakes the GIL around every step, which the busy trio thread then has to
-    hand back. A few multi-row statements per round cost the writer less CPU
-    and fewer GIL hand-offs.
+    hand back. A few multi-row statements step a few times per round instead.
     """
     if not rows:
         return
