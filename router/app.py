@@ -85,8 +85,15 @@ class Router:
     def accepting(self) -> bool:
         return self.state is State.RUNNING
 
-    async def accept(self, write_key: str, messages: Sequence[dict[str, Any]]) -> Accepted:
-        """Journal validated messages; return once they are on disk."""
+    async def accept(
+        self, write_key: str, messages: Sequence[dict[str, Any]],
+        bodies: Sequence[bytes | None] | None = None,
+    ) -> Accepted:
+        """Journal validated messages; return once they are on disk.
+
+        ``bodies``, when given, holds each message's JSON where the caller has it
+        already (None where it has not); the others are encoded here.
+        """
         if not messages:
             return Accepted(0, 0)
         if self.spool.full:
@@ -94,17 +101,21 @@ class Router:
         count = len(messages)
         if not await self.inbox.reserve(count, RESERVE_WAIT):
             raise Overloaded("pipeline is full")
-        bodies = [(m["messageId"], _encode(m)) for m in messages]
+        if bodies is None:
+            journal = [(m["messageId"], _encode(m)) for m in messages]
+        else:
+            journal = [(m["messageId"], _encode(m) if body is None else body)
+                       for m, body in zip(messages, bodies, strict=True)]
         try:
             seqs = await self.store.call(
-                partial(_journal, write_key=write_key, bodies=bodies, now=self.wall(),
+                partial(_journal, write_key=write_key, bodies=journal, now=self.wall(),
                         counter=self.journal_seq)
             )
         except BaseException:
             self.inbox.release(count)
             raise
         items = []
-        for seq, message, (_, body) in zip(seqs, messages, bodies, strict=True):
+        for seq, message, (_, body) in zip(seqs, messages, journal, strict=True):
             if seq is not None:
                 items.append(Item(seq, write_key, message, body))
                 self.spool.add(len(body))

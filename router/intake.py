@@ -69,7 +69,10 @@ class Pipeline(Protocol):
     @property
     def accepting(self) -> bool: ...
 
-    async def accept(self, write_key: str, messages: Sequence[dict[str, Any]]) -> Accepted: ...
+    async def accept(
+        self, write_key: str, messages: Sequence[dict[str, Any]],
+        bodies: Sequence[bytes | None] | None = None,
+    ) -> Accepted: ...
 
     def report(self) -> dict[str, Any]: ...
 
@@ -287,6 +290,7 @@ class Intake:
                     self.metrics.inc("messages_rejected_total", reason=exc.code)
                     raise
                 messages = [message]
+                bodies: list[bytes | None] = [None]
                 rejected: list[dict[str, Any]] = []
             else:
                 envelope = segment.decode_envelope(body)
@@ -297,7 +301,7 @@ class Intake:
                         f"batch has {len(envelope.batch)} messages; the limit is "
                         f"{segment.MAX_BATCH_MESSAGES}",
                     )
-                messages, rejected = self._validate_batch(envelope, received_at)
+                messages, bodies, rejected = self._validate_batch(envelope, received_at)
         except Rejected as exc:
             if exc.status == 401 and bearer:
                 exc.message += " (a Bearer token needs writeKey in the body)"
@@ -306,7 +310,7 @@ class Intake:
                 headers.append(CLOSE)
             return exc.status, exc.body(), headers
         try:
-            result = await pipeline.accept(write_key, messages)
+            result = await pipeline.accept(write_key, messages, bodies)
         except Overloaded as exc:
             self.metrics.inc("overloaded_total", reason=exc.reason)
             return 503, {"code": "overloaded", "message": f"{exc.reason}; retry later"}, [
@@ -329,22 +333,35 @@ class Intake:
 
     def _validate_batch(
         self, envelope: segment.Envelope, received_at: float
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    ) -> tuple[list[dict[str, Any]], list[bytes | None], list[dict[str, Any]]]:
+        """The valid messages, their journal bytes where the client's can serve
+        (None: encode the message), and the rejects."""
         messages: list[dict[str, Any]] = []
+        bodies: list[bytes | None] = []
         rejected: list[dict[str, Any]] = []
+        # Shared context or integrations are merged into every item, which then
+        # differs from the client's bytes.
+        shared = bool(envelope.context or envelope.integrations)
         for index, raw in enumerate(envelope.batch):
             try:
-                item = segment.merge_envelope(segment.decode_item(raw), envelope)
-                messages.append(segment.validate(
-                    item, type_=None, received_at=received_at, sent_at=envelope.sentAt))
+                item = segment.decode_item(raw)
+                if shared:
+                    item = segment.merge_envelope(item, envelope)
+                as_sent = not shared and segment.validation_adds_only_time(item)
+                message = segment.validate(
+                    item, type_=None, received_at=received_at, sent_at=envelope.sentAt)
+                messages.append(message)
+                bodies.append(
+                    segment.with_time(bytes(raw), message[segment.TIME_KEY]) if as_sent
+                    else None)
             except (Rejected, msgspec.DecodeError) as exc:
                 if isinstance(exc, Rejected):
-                    code, message = exc.code, exc.message
+                    code, reason = exc.code, exc.message
                 else:
-                    code, message = "invalid_json", str(exc)
-                rejected.append({"index": index, "code": code, "message": message})
+                    code, reason = "invalid_json", str(exc)
+                rejected.append({"index": index, "code": code, "message": reason})
                 self.metrics.inc("messages_rejected_total", reason=code)
-        return messages, rejected
+        return messages, bodies, rejected
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

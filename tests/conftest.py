@@ -45,6 +45,8 @@ class Relay:
     infinario: FakeInfinario
     # Every list of validated messages the intake handed to the pipeline.
     accepted: list[list[dict[str, Any]]]
+    # The journal bytes the intake gave with each message (None: the router encodes it).
+    given_bodies: list[list[bytes | None]]
 
     @property
     def url(self) -> str:
@@ -99,14 +101,17 @@ async def relay(tmp_path: Path, relay_options: dict[str, Any]) -> AsyncIterator[
         config, http=True, transport=httpx.MockTransport(infinario.handler)
     ) as router:
         accepted: list[list[dict[str, Any]]] = []
+        given: list[list[bytes | None]] = []
         accept = router.accept
 
-        async def spy(write_key: str, messages: Sequence[dict[str, Any]]) -> Accepted:
-            result = await accept(write_key, messages)
+        async def spy(write_key: str, messages: Sequence[dict[str, Any]],
+                      bodies: Sequence[bytes | None] | None = None) -> Accepted:
+            result = await accept(write_key, messages, bodies)
             accepted.append([dict(m) for m in messages])
+            given.append(list(bodies) if bodies is not None else [None] * len(messages))
             return result
 
         router.accept = spy  # type: ignore[method-assign]
         assert router.url is not None
         async with httpx.AsyncClient(base_url=router.url, timeout=10) as client:
-            yield Relay(router, client, infinario, accepted)
+            yield Relay(router, client, infinario, accepted, given)

@@ -206,6 +206,25 @@ class TestBatchEndpoints:
         assert journaled["m2"]["integrations"] == {"All": False, "Infinario": True}
         assert journaled["m3"]["context"]["ip"] == "10.0.0.1"
 
+    async def test_journal_keeps_the_clients_bytes_where_validation_only_adds_the_time(
+        self, relay: Relay
+    ) -> None:
+        as_sent = b'{"type": "track", "userId": "u1", "event": "e", "messageId": "m1" }'
+        content = b'{"batch": [%s, %s, %s]}' % (
+            as_sent,
+            json.dumps({"type": "track", "userId": 2, "event": "e", "messageId": "m2"}).encode(),
+            json.dumps({"type": "track", "userId": "u3", "event": "e"}).encode())
+        response = await relay.client.post("/v1/batch", content=content,
+                                           headers=basic(WRITE_KEY))
+        assert response.json()["accepted"] == 3
+        [messages], [bodies] = relay.accepted, relay.given_bodies
+        first, second, third = bodies
+        assert first is not None and first.startswith(as_sent[:-1])
+        assert json.loads(first) == messages[0]
+        assert messages[1]["userId"] == "2" and second is None  # coerced: encoded anew
+        assert third is None  # messageId filled in
+        assert len(await relay.events()) == 3
+
     async def test_empty_batch_is_accepted(self, relay: Relay) -> None:
         response = await relay.client.post("/v1/batch", json={"batch": []},
                                            headers=basic(WRITE_KEY))
@@ -846,7 +865,7 @@ class TestOverload:
     """A full pipeline or a stopping relay answers 503 with Retry-After, so clients retry."""
 
     async def test_pipeline_full(self, relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
-        async def full(write_key: str, messages: Any) -> Any:
+        async def full(write_key: str, messages: Any, bodies: Any = None) -> Any:
             raise Overloaded("pipeline is full")
 
         monkeypatch.setattr(relay.router, "accept", full)

@@ -347,3 +347,53 @@ class TestDecoding:
         with pytest.raises(Rejected) as info:
             segment.decode_json(b"{'a': 1}")
         assert info.value.code == "invalid_json"
+
+
+class TestJournalBytes:
+    """Where validation only adds ``_time``, the client's bytes plus that key are the message."""
+
+    ids = st.one_of(st.none(), st.text(min_size=1).filter(str.strip), st.integers(),
+                    st.floats(allow_nan=False, allow_infinity=False))
+
+    @given(user=ids, anon=ids, message_id=st.one_of(st.none(), st.just(""), st.text(max_size=20),
+                                                    st.integers()),
+           extra=st.dictionaries(st.text(max_size=8), st.integers() | st.text(), max_size=4))
+    def test_bytes_decode_to_the_validated_message(
+        self, user: Any, anon: Any, message_id: Any, extra: dict[str, Any]
+    ) -> None:
+        item = {**extra, "type": "track", "event": "e", "userId": user, "anonymousId": anon,
+                "messageId": message_id, "timestamp": "2024-03-01T12:00:00Z"}
+        raw = msgspec.json.encode(item)
+        try:
+            decoded = msgspec.json.decode(raw)
+            as_sent = segment.validation_adds_only_time(decoded)
+            message = validate(decoded, type_=None, received_at=1.0)
+        except Rejected:
+            return
+        if as_sent:
+            assert msgspec.json.decode(segment.with_time(raw, message["_time"])) == message
+        else:
+            ids = [item.get(f) for f in ("userId", "anonymousId", "previousId", "groupId")]
+            assert (type(item["messageId"]) is not str or not item["messageId"]
+                    or any(v is not None and type(v) is not str for v in ids)
+                    or "_time" in item)
+
+    def test_typical_client_messages_qualify(self) -> None:
+        raw = (b'{"type":"identify","messageId":"m-1","userId":"u1","traits":{"a":1},'
+               b'"timestamp":"2024-03-01T12:00:00.5Z"}  ')
+        item = msgspec.json.decode(raw)
+        assert segment.validation_adds_only_time(item)
+        message = validate(item, type_=None, received_at=0.0)
+        assert msgspec.json.decode(segment.with_time(raw, message["_time"])) == message
+
+    @pytest.mark.parametrize("item", [
+        {"type": "track", "event": "e", "userId": 7, "messageId": "m"},
+        {"type": "track", "event": "e", "userId": "u"},
+        {"type": "track", "event": "e", "userId": "u", "messageId": 12},
+        {"type": "group", "groupId": 3, "userId": "u", "messageId": "m"},
+        {"type": "alias", "previousId": 1, "userId": "u", "messageId": "m"},
+        {"type": "track", "event": "e", "userId": "u", "messageId": "m", "_time": 5},
+    ], ids=["numeric id", "no messageId", "numeric messageId", "numeric groupId",
+            "numeric previousId", "own _time"])
+    def test_messages_validation_changes_are_encoded_anew(self, item: dict[str, Any]) -> None:
+        assert not segment.validation_adds_only_time(item)
