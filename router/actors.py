@@ -77,6 +77,11 @@ class OutboxRow:
     size: int = 0  # bytes it holds in the spool
 
 
+def spool_size(body: bytes, origin: bytes | None) -> int:
+    """Bytes an outbox row holds in the spool: the command and its origin message."""
+    return len(body) + (len(origin) if origin else 0)
+
+
 class Inbox:
     """Journaled messages waiting for the directory, with room reserved up front.
 
@@ -630,8 +635,8 @@ class Directory:
         for customer, command, body, origin in prep.commands:
             lane = customer % lanes
             records.append((seq, lane, customer, body, origin, now))
-            size = len(body) + (len(origin) if origin else 0)
-            rows.append(OutboxRow(seq, lane, customer, command, body, now, size=size))
+            rows.append(OutboxRow(seq, lane, customer, command, body, now,
+                                  size=spool_size(body, origin)))
             seq += 1
         st.insert_many(conn, "INSERT INTO outbox(seq, lane, customer, body, origin, first_at)",
                        records)

@@ -101,11 +101,9 @@ class Router:
         count = len(messages)
         if not await self.inbox.reserve(count, RESERVE_WAIT):
             raise Overloaded("pipeline is full")
-        if bodies is None:
-            journal = [(m["messageId"], _encode(m)) for m in messages]
-        else:
-            journal = [(m["messageId"], _encode(m) if body is None else body)
-                       for m, body in zip(messages, bodies, strict=True)]
+        given = [None] * count if bodies is None else bodies
+        journal = [(m["messageId"], _encode(m) if body is None else body)
+                   for m, body in zip(messages, given, strict=True)]
         try:
             seqs = await self.store.call(
                 partial(_journal, write_key=write_key, bodies=journal, now=self.wall(),

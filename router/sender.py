@@ -28,7 +28,7 @@ import structlog
 import trio
 
 from . import store as st
-from .actors import OutboxRow, Spool
+from .actors import OutboxRow, Spool, spool_size
 from .commands import Encoded, decode_encoded
 from .infinario import MAX_COMMANDS, Dialect, Verdict
 from .metrics import Metrics
@@ -407,7 +407,6 @@ def replay_marked(
             (seq, lane, customer, body, origin, now),
         )
         conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_id,))
-        size = len(body) + (len(origin) if origin else 0)
         out.append(OutboxRow(seq, lane, int(customer), decode_encoded(body), body, now,
-                             size=size))
+                             size=spool_size(body, origin)))
     return out
