@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .framework import ceilings
+
 
 def _fmt(value: Any, digits: int = 0) -> str:
     if value is None:
@@ -54,6 +56,44 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *(line(row) for row in rows)]
 
 
+def _commands_per_message(results: list[dict[str, Any]], kind: str) -> float:
+    for r in results:
+        m = r.get("metrics", {})
+        if r["scenario"] == kind and m.get("commands_per_s") and m.get("delivered_per_s"):
+            return float(m["commands_per_s"]) / float(m["delivered_per_s"])
+    return 1.0
+
+
+def framework_lines(results: list[dict[str, Any]], header: dict[str, Any]) -> list[str]:
+    """What hypercorn and httpx cost with no relay work, and the ceilings that sets."""
+    framework = header.get("framework")
+    if not framework:
+        return []
+    if "error" in framework:
+        return [f"Framework floor: not measured ({framework['error'].splitlines()[0]}).", ""]
+    server, client = framework["server"], framework["client"]
+    lines = [
+        "Framework floor (a null ASGI app on hypercorn's trio worker; httpx bulk posts): "
+        + "; ".join(f"{kind} request {_fmt(v['us_per_request'])} µs CPU "
+                    f"({_fmt(v['us_per_message'], 1)} µs/msg, at most "
+                    f"{_fmt(v['max_requests_per_s_one_core'])} req/s on one core)"
+                    for kind, v in server.items())
+        + f"; a bulk POST of {client['commands_per_request']} commands "
+        f"{_fmt(client['us_per_request'])} µs ({_fmt(client['us_per_command'], 1)} µs/command).",
+    ]
+    parts = []
+    for kind in server:
+        c = ceilings(framework, header.get("floor_us", {}), _commands_per_message(results, kind))
+        parts.append(f"{kind} {_fmt(c[f'{kind}_least_us_per_msg'], 1)} µs/msg "
+                     f"(at most {_fmt(c[f'{kind}_max_msg_per_s_one_core'])} msg/s on one core)")
+    lines += [
+        "Least CPU per message with this stack (server + client + codec floors, no relay "
+        "work): " + "; ".join(parts) + ".",
+        "",
+    ]
+    return lines
+
+
 def summary(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
     machine = header["machine"]
     lines = [
@@ -64,6 +104,7 @@ def summary(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
         f"Codec floor (msgspec decode intake + encode legacy bulk): "
         + ", ".join(f"{k} {v:.2f} µs/msg" for k, v in header["floor_us"].items()) + ".",
         "",
+        *framework_lines(results, header),
         *_table(NUMBERS, [number_row(r) for r in results]),
         "",
         "Targets:",

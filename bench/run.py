@@ -25,8 +25,20 @@ import trio
 
 from . import plot, report
 from .floor import codec_floor
+from .framework import framework_floor
 from .measure import machine
-from .scenarios import BY_NAME, FULL, QUICK, SCENARIOS, Context, Plan, Result, Scenario, finish
+from .scenarios import (
+    BY_NAME,
+    CONNECTIONS,
+    FULL,
+    QUICK,
+    SCENARIOS,
+    Context,
+    Plan,
+    Result,
+    Scenario,
+    finish,
+)
 from .stack import Stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -86,6 +98,7 @@ def to_json(result: Result, stack: Stack, header: dict[str, Any]) -> dict[str, A
         "simulator": {"options": ["--counting", *result.sim_options],
                       "command": stack.sim.args},
         "codec_floor": header["floor"],
+        "framework_floor": header["framework"],
         "metrics": result.metrics,
         "targets": [c.to_json() for c in result.checks],
         "error": result.error,
@@ -123,6 +136,14 @@ async def main_async(args: argparse.Namespace) -> int:
                                                                                  "single")}
     header["floor"] = floors
     header["floor_us"] = {k: v["us_per_message"] for k, v in floors.items()}
+    print("bench: framework floor ...", file=sys.stderr, flush=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-framework-") as tmp:
+            header["framework"] = await framework_floor(
+                Path(tmp), seconds=plan.framework_seconds,
+                connections={kind: conns[0] for kind, conns in CONNECTIONS.items()})
+    except Exception as exc:  # the scenarios still run; the summary says what failed
+        header["framework"] = {"error": _error_text(exc)}
     ctx = Context(plan=plan, floor_us=header["floor_us"])
     outputs: list[dict[str, Any]] = []
     for scenario in chosen:

@@ -48,19 +48,22 @@ class Plan:
     slow_seconds: float        # closed-loop load against the slow sink
     slow_spool_cap: str        # the relay's --spool-cap there
     floor_messages: int        # messages timed for the codec floor
+    framework_seconds: float   # load time of each framework-floor measurement
 
 
 QUICK = Plan(mode="quick", closed_seconds=1.5, open_seconds=1.5, drain_timeout=20,
              many_customers=20_000, many_calls=2, many_seconds=4, many_active=5_000,
              outage_rate=1000, outage_warm=0.5, outage_seconds=10, outage_after=0.5,
              outage_drain_timeout=20, slow_seconds=2, slow_spool_cap="8MiB",
-             floor_messages=3000)
+             floor_messages=3000, framework_seconds=1.0)
 FULL = Plan(mode="full", closed_seconds=12, open_seconds=8, drain_timeout=90,
             many_customers=1_000_000, many_calls=2, many_seconds=180, many_active=None,
             outage_rate=1500, outage_warm=5, outage_seconds=60, outage_after=5,
             outage_drain_timeout=150, slow_seconds=25, slow_spool_cap="32MiB",
-            floor_messages=20_000)
+            floor_messages=20_000, framework_seconds=5.0)
 CUSTOMERS = 10_000  # distinct customers of every scenario but many-customers
+# Load generator connections of the closed (max-rate) and open (50%) phases.
+CONNECTIONS = {"batch": (8, 32), "single": (32, 64)}
 
 
 @dataclass
@@ -287,7 +290,7 @@ async def _drain(stack: Stack, seconds: float, result: Result, phase: str) -> Sa
 async def throughput(stack: Stack, ctx: Context, result: Result, kind: str) -> None:
     """Max rate in a closed loop, then ack latency in an open loop at half of it."""
     plan = ctx.plan
-    closed_conns, open_conns = (8, 32) if kind == "batch" else (32, 64)
+    closed_conns, open_conns = CONNECTIONS[kind]
     closed = await stack.load("max-rate", kind=kind, mode="closed",
                               duration=plan.closed_seconds, connections=closed_conns)
     done = await _drain(stack, plan.drain_timeout, result, "max-rate")

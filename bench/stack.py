@@ -106,7 +106,7 @@ class Process:
         return text.splitlines()[-lines:]
 
 
-async def _wait_http(proc: Process, url: str, seconds: float) -> None:
+async def wait_http(proc: Process, url: str, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     async with httpx.AsyncClient(timeout=2.0) as client:
         while time.monotonic() < deadline:
@@ -150,8 +150,8 @@ class Stack:
     async def start(self) -> None:
         self.sim.start()
         self.relay.start()
-        await _wait_http(self.sim, f"{self.sim_url}/_sim/stats", START_TIMEOUT)
-        await _wait_http(self.relay, f"{self.relay_url}/health", START_TIMEOUT)
+        await wait_http(self.sim, f"{self.sim_url}/_sim/stats", START_TIMEOUT)
+        await wait_http(self.relay, f"{self.relay_url}/health", START_TIMEOUT)
         self._psutil = psutil.Process(self.relay.pid)
 
     def stop(self) -> None:
