@@ -70,7 +70,8 @@ async def server_floor(workdir: Path, kind: str, *, seconds: float,
         server.start()
         await wait_http(server, f"{url}/health", START_TIMEOUT)
         proc = psutil.Process(server.pid)
-        await _load(url, workdir / f"framework-{kind}-warm.json", kind, 1.0, connections)
+        await _load(url, workdir / f"framework-{kind}-warm.json", kind, min(1.0, seconds / 2),
+                    connections)
         cpu0 = cpu_seconds(proc)
         requests = await _load(url, workdir / f"framework-{kind}.json", kind, seconds,
                                connections)

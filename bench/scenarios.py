@@ -53,9 +53,9 @@ class Plan:
 
 QUICK = Plan(mode="quick", closed_seconds=1.5, open_seconds=1.5, drain_timeout=20,
              many_customers=20_000, many_calls=2, many_seconds=4, many_active=5_000,
-             outage_rate=1000, outage_warm=0.5, outage_seconds=10, outage_after=0.5,
+             outage_rate=1000, outage_warm=0.5, outage_seconds=6, outage_after=0.5,
              outage_drain_timeout=20, slow_seconds=2, slow_spool_cap="8MiB",
-             floor_messages=3000, framework_seconds=1.0)
+             floor_messages=3000, framework_seconds=0.5)
 FULL = Plan(mode="full", closed_seconds=12, open_seconds=8, drain_timeout=90,
             many_customers=1_000_000, many_calls=2, many_seconds=180, many_active=None,
             outage_rate=1500, outage_warm=5, outage_seconds=60, outage_after=5,
