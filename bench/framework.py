@@ -35,9 +35,7 @@ from router.infinario import MAX_COMMANDS
 
 from .data import Messages, legacy_bodies
 from .measure import Requests, cpu_seconds
-from .stack import START_TIMEOUT, BenchError, Process, free_port, wait_http
-
-HOST = "127.0.0.1"
+from .stack import HOST, START_TIMEOUT, BenchError, Process, free_port, wait_http
 
 
 async def _load(url: str, out: Path, kind: str, seconds: float, connections: int) -> Requests:
@@ -59,13 +57,18 @@ def _read_requests(path: Path) -> Requests | None:
     return Requests.from_json(msgspec.json.decode(path.read_bytes()))
 
 
+def _null_server(workdir: Path, name: str) -> tuple[Process, str]:
+    """The null app as its own process (not started yet) and its base URL."""
+    port = free_port()
+    server = Process("nullserver", [sys.executable, "-m", "bench.nullserver", "--listen",
+                                    f"{HOST}:{port}"], workdir / f"nullserver-{name}.log")
+    return server, f"http://{HOST}:{port}"
+
+
 async def server_floor(workdir: Path, kind: str, *, seconds: float,
                        connections: int) -> dict[str, Any]:
     """CPU µs per request of the null app on hypercorn's trio worker, as the relay is served."""
-    port = free_port()
-    server = Process("nullserver", [sys.executable, "-m", "bench.nullserver", "--listen",
-                                    f"{HOST}:{port}"], workdir / f"nullserver-{kind}.log")
-    url = f"http://{HOST}:{port}"
+    server, url = _null_server(workdir, kind)
     try:
         server.start()
         await wait_http(server, f"{url}/health", START_TIMEOUT)
@@ -96,10 +99,8 @@ async def client_floor(workdir: Path, *, seconds: float,
     gen = Messages(customers=10_000, id_prefix="client-floor-")
     messages = [msgspec.json.decode(gen.next()[1]) for _ in range(lanes * MAX_COMMANDS)]
     bodies = [msgspec.json.encode(b) for b in legacy_bodies(messages, per_body=MAX_COMMANDS)]
-    port = free_port()
-    server = Process("nullserver", [sys.executable, "-m", "bench.nullserver", "--listen",
-                                    f"{HOST}:{port}"], workdir / "nullserver-client.log")
-    url = f"http://{HOST}:{port}/bulk"
+    server, base = _null_server(workdir, "client")
+    url = f"{base}/bulk"
     headers = {"content-type": "application/json"}
     timeout = {"connect": 10.0, "read": 30.0, "write": 30.0, "pool": 30.0}
     limits = httpx.Limits(max_connections=lanes, max_keepalive_connections=lanes)
@@ -124,7 +125,7 @@ async def client_floor(workdir: Path, *, seconds: float,
 
     try:
         server.start()
-        await wait_http(server, f"http://{HOST}:{port}/health", START_TIMEOUT)
+        await wait_http(server, f"{base}/health", START_TIMEOUT)
         async with httpx.AsyncHTTPTransport(limits=limits) as transport:
             for body in bodies:  # open the connections before timing
                 await post(transport, body)
