@@ -19,7 +19,6 @@ this stack; the summary prints them next to the targets.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,26 +34,13 @@ from router.infinario import MAX_COMMANDS
 
 from .data import Messages, legacy_bodies
 from .measure import Requests, cpu_seconds
-from .stack import HOST, START_TIMEOUT, BenchError, Process, free_port, wait_http
+from .stack import HOST, START_TIMEOUT, BenchError, Process, free_port, run_load, wait_http
 
 
 async def _load(url: str, out: Path, kind: str, seconds: float, connections: int) -> Requests:
     args = [sys.executable, "-m", "bench.load", "--url", url, "--kind", kind, "--mode", "closed",
             "--duration", str(seconds), "--connections", str(connections), "--out", str(out)]
-    with trio.fail_after(seconds + 60):
-        result = await trio.run_process(args, stdout=subprocess.DEVNULL, capture_stderr=True,
-                                        check=False)
-    requests = _read_requests(out) if result.returncode == 0 else None
-    if requests is None:
-        raise BenchError(f"load generator failed ({result.returncode}):\n"
-                         + result.stderr.decode(errors="replace")[-2000:])
-    return requests
-
-
-def _read_requests(path: Path) -> Requests | None:
-    if not path.exists():
-        return None
-    return Requests.from_json(msgspec.json.decode(path.read_bytes()))
+    return await run_load(args, out, seconds)
 
 
 def _null_server(workdir: Path, name: str) -> tuple[Process, str]:

@@ -122,6 +122,24 @@ async def wait_http(proc: Process, url: str, seconds: float) -> None:
     raise BenchError(f"{proc.name} did not answer {url} within {seconds:.0f}s")
 
 
+async def run_load(args: Sequence[str], out: Path, duration: float) -> Requests:
+    """Run a ``bench.load`` command line to completion and read what it wrote to ``out``."""
+    with trio.fail_after(duration + 60):
+        result = await trio.run_process(args, stdout=subprocess.DEVNULL,
+                                        capture_stderr=True, check=False)
+    requests = _read_requests(out) if result.returncode == 0 else None
+    if requests is None:
+        raise BenchError(f"load generator failed ({result.returncode}):\n"
+                         + result.stderr.decode(errors="replace")[-2000:])
+    return requests
+
+
+def _read_requests(path: Path) -> Requests | None:
+    if not path.exists():
+        return None
+    return Requests.from_json(msgspec.json.decode(path.read_bytes()))
+
+
 class Stack:
     """The simulator and the relay for one scenario, plus the sampler's view of them."""
 
@@ -267,13 +285,7 @@ class Stack:
             args += ["--rate", f"{rate:.1f}"]
         if max_messages:
             args += ["--max-messages", str(max_messages)]
-        with trio.fail_after(duration + 60):
-            result = await trio.run_process(args, stdout=subprocess.DEVNULL,
-                                            capture_stderr=True, check=False)
-        if result.returncode != 0 or not out.exists():
-            raise BenchError(f"load generator failed ({result.returncode}):\n"
-                             + result.stderr.decode(errors="replace")[-2000:])
-        requests = Requests.from_json(msgspec.json.decode(out.read_bytes()))
+        requests = await run_load(args, out, duration)
         requests.info["label"] = label
         self.loads.append(requests)
         self.timeline.phases.append((requests.start, requests.end, label))

@@ -151,7 +151,7 @@ class Router:
         for index, original in enumerate(messages):
             try:
                 # The same checks as HTTP: an item's size and depth, then its fields.
-                message = segment.decode_item(msgspec.Raw(_encode(original)))
+                message = segment.decode_item(_encode(original))
                 valid.append(segment.validate(message, type_=None, received_at=now))
             except Rejected as exc:
                 rejected.append({"index": index, "code": exc.code, "message": exc.message})

@@ -344,7 +344,8 @@ class Intake:
         shared = bool(envelope.context or envelope.integrations)
         for index, raw in enumerate(envelope.batch):
             try:
-                item = segment.decode_item(raw)
+                data = bytes(raw)  # one copy, for decoding and for the journal
+                item = segment.decode_item(data)
                 if shared:
                     item = segment.merge_envelope(item, envelope)
                 as_sent = not shared and segment.validation_adds_only_time(item)
@@ -352,7 +353,7 @@ class Intake:
                     item, type_=None, received_at=received_at, sent_at=envelope.sentAt)
                 messages.append(message)
                 bodies.append(
-                    segment.with_time(bytes(raw), message[segment.TIME_KEY]) if as_sent
+                    segment.with_time(data, message[segment.TIME_KEY]) if as_sent
                     else None)
             except (Rejected, msgspec.DecodeError) as exc:
                 if isinstance(exc, Rejected):

@@ -107,8 +107,12 @@ def decode_envelope(body: bytes) -> Envelope:
     return envelope
 
 
-def decode_item(raw: msgspec.Raw) -> Any:
-    """One batch item; its size limit is checked on its own encoded bytes."""
+def decode_item(raw: bytes | msgspec.Raw) -> Any:
+    """One batch item; its size limit is checked on its own encoded bytes.
+
+    ``bytes`` are used as they are (no copy), so a caller that needs the item's
+    bytes too can convert a ``Raw`` once and pass those.
+    """
     if len(raw) > MAX_MESSAGE_BYTES:
         raise Rejected(
             "message_too_large",
