@@ -1,8 +1,9 @@
-"""Wiring: one nursery running the store, the directory, the sender and (optionally) HTTP.
+"""Wiring: one nursery running the store, the customers stage, the sender and (optionally) HTTP.
 
     intake (HTTP or Router.submit)
-        -> journal (SQLite, group commit) -> 200
-        -> Inbox -> Directory (per-customer turns) -> outbox (same commit as the state)
+        -> admission -> journal row (SQLite, group commit) -> 200
+        -> memory channel -> Partition (identity, per-customer turns, session timers)
+        -> outbox rows (same commit as the state) -> one memory channel per lane
         -> Sender lanes -> Infinario
 
 ``open_router`` is the embedding API; ``serve`` is what the CLI runs.
@@ -13,8 +14,6 @@ from __future__ import annotations
 import enum
 import signal
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -25,22 +24,28 @@ import msgspec
 import structlog
 import trio
 
-from . import segment
+from . import journal, outbox, segment
 from . import store as st
-from .actors import Directory, Inbox, Item, Spool
+from .admission import Admission
+from .broadcast import Broadcast
 from .config import Config
-from .errors import ConfigError, Rejected
-from .http import parse_listen, serve_asgi
+from .errors import ConfigError, Rejected, RouterError
+from .http import parse_listen
 from .infinario import V2, Dialect, Legacy
 from .intake import Accepted, Intake, Overloaded
+from .journal import Dedup, Journaled
 from .mapping import EventPolicy, Limits
 from .metrics import Metrics
+from .partition import Partition
 from .sender import Sender
+from .server import serve as serve_http
+from .spool import Spool
+from .transport import infinario_transport
 
 log = structlog.get_logger("router")
 
-INBOX_CAPACITY = 20_000
-RESERVE_WAIT = 1.0
+ADMISSION_CAPACITY = 20_000
+ADMISSION_WAIT = 1.0
 DEDUP_SWEEP = 60.0
 _encode = msgspec.json.Encoder().encode
 
@@ -62,21 +67,26 @@ class Router:
         self.state = State.STARTING
         self.url: str | None = None
         self.spool = Spool(config.spool_cap)
-        self.inbox = Inbox(INBOX_CAPACITY)
+        self.admission = Admission(ADMISSION_CAPACITY)
+        self.dedup = Dedup(config.dedup_window)
         self.journal_seq = st.SeqCounter()
+        self.dedup_seq = st.SeqCounter()
         self.outbox_seq = st.SeqCounter()
+        self.progress = Broadcast()
         self._offset = time.time() - trio.current_time()
         self._stop = trio.Event()
-        self.directory: Directory
+        self._hurry = trio.Event()
+        self._to_partition: trio.MemorySendChannel[Journaled]
+        self.partition: Partition
         self.sender: Sender
 
-    # --- time --------------------------------------------------------------------------------
+    # --- time ----------------------------------------------------------------------------------
 
     def wall(self) -> float:
         """POSIX time that follows trio's clock, so a mock clock drives sessions in tests."""
         return self._offset + trio.current_time()
 
-    # --- the intake's view -------------------------------------------------------------------
+    # --- the intake's view ---------------------------------------------------------------------
 
     def project_for(self, write_key: str) -> str | None:
         return self.config.write_keys.get(write_key)
@@ -86,43 +96,54 @@ class Router:
         return self.state is State.RUNNING
 
     async def accept(
-        self, write_key: str, messages: Sequence[dict[str, Any]],
-        bodies: Sequence[bytes | None] | None = None,
+        self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[bytes],
+        shared: bytes | None = None,
     ) -> Accepted:
-        """Journal validated messages; return once they are on disk.
+        """Journal validated messages as one request; return once they are on disk.
 
-        ``bodies``, when given, holds each message's JSON where the caller has it
-        already (None where it has not); the others are encoded here.
+        ``items`` holds each message's journal bytes (without ``shared``, the
+        part of a batch that applies to every item, stored once).
         """
-        if not messages:
+        count = len(messages)
+        if not count:
             return Accepted(0, 0)
+        if not self.accepting:
+            raise Overloaded("the router is not running")
         if self.spool.full:
             raise Overloaded("spool is over its disk cap")
-        count = len(messages)
-        if not await self.inbox.reserve(count, RESERVE_WAIT):
+        if not await self.admission.acquire(count, ADMISSION_WAIT):
             raise Overloaded("pipeline is full")
-        given = [None] * count if bodies is None else bodies
-        journal = [(m["messageId"], _encode(m) if body is None else body)
-                   for m, body in zip(messages, given, strict=True)]
+        now = self.wall()
+        ids = [m["messageId"] for m in messages]
+        dedup_row = self.dedup_seq.take()
+        fresh = self.dedup.claim(write_key, ids, now, dedup_row)
+        if all(fresh):
+            kept, kept_items, kept_ids = list(messages), items, ids
+        else:
+            kept = [m for m, new in zip(messages, fresh, strict=True) if new]
+            kept_items = [b for b, new in zip(items, fresh, strict=True) if new]
+            kept_ids = [i for i, new in zip(ids, fresh, strict=True) if new]
+        duplicates = count - len(kept)
+        if duplicates:
+            self.admission.release(duplicates)
+            self.metrics.inc("messages_duplicate_total", duplicates)
+        if not kept:
+            return Accepted(0, duplicates)
+        seq = self.journal_seq.take()
+        body = journal.encode_row(kept_items, shared)
         try:
-            seqs = await self.store.call(
-                partial(_journal, write_key=write_key, bodies=journal, now=self.wall(),
-                        counter=self.journal_seq)
-            )
+            await self.store.call(partial(
+                journal.append, seq=seq, write_key=write_key, body=body, dedup_row=dedup_row,
+                ids=journal.encode_ids(kept_ids), now=now))
         except BaseException:
-            self.inbox.release(count)
+            self.dedup.release(write_key, kept_ids)
+            self.admission.release(len(kept))
             raise
-        items = []
-        for seq, message, (_, body) in zip(seqs, messages, journal, strict=True):
-            if seq is not None:
-                items.append(Item(seq, write_key, message, body))
-                self.spool.add(len(body))
-        self.inbox.release(count - len(items))
-        self.inbox.put(items)
-        self.metrics.inc("messages_accepted_total", len(items))
-        if len(items) < count:
-            self.metrics.inc("messages_duplicate_total", count - len(items))
-        return Accepted(len(items), count - len(items))
+        self.spool.add(len(body))
+        # Admission bounds what the channel holds, so this never blocks.
+        self._to_partition.send_nowait(Journaled(seq, write_key, kept, len(body)))
+        self.metrics.inc("messages_accepted_total", len(kept))
+        return Accepted(len(kept), duplicates)
 
     async def submit(self, message: dict[str, Any], *, write_key: str) -> Accepted:
         """Validate and journal one Segment message (``type`` inside it).
@@ -147,12 +168,14 @@ class Router:
             raise Overloaded("the router is not running")
         now = self.wall()
         valid: list[dict[str, Any]] = []
+        items: list[bytes] = []
         rejected: list[dict[str, Any]] = []
         for index, original in enumerate(messages):
             try:
                 # The same checks as HTTP: an item's size and depth, then its fields.
                 message = segment.decode_item(_encode(original))
                 valid.append(segment.validate(message, type_=None, received_at=now))
+                items.append(_encode(message))
             except Rejected as exc:
                 rejected.append({"index": index, "code": exc.code, "message": exc.message})
                 self.metrics.inc("messages_rejected_total", reason=exc.code)
@@ -160,66 +183,60 @@ class Router:
                 rejected.append({"index": index, "code": "invalid_message",
                                  "message": f"message is not JSON-serializable: {exc}"})
                 self.metrics.inc("messages_rejected_total", reason="invalid_message")
-        result = await self.accept(write_key, valid)
+        result = await self.accept(write_key, valid, items)
         result.rejected = rejected
         return result
 
     def report(self) -> dict[str, Any]:
         return {
             "projects": {project: schema.report()
-                         for project, schema in self.directory.schemas.items()},
+                         for project, schema in self.partition.schemas.items()},
         }
 
     def health(self) -> dict[str, Any]:
         status = "ok" if self.state is State.RUNNING else self.state.value
         return {"status": status, "spool_bytes": self.spool.bytes,
-                "inbox": len(self.inbox), "outbox_in_memory": self.sender.pending}
+                "inbox": self.admission.used, "outbox_in_memory": self.sender.pending}
 
-    # --- lifecycle ---------------------------------------------------------------------------
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def idle(self) -> bool:
+        return not self.admission.used and self.partition.idle() and self.sender.idle()
 
     async def drain(self) -> None:
         """Wait until everything accepted so far has been answered by Infinario."""
-        directory = self.directory
-        while (self.inbox.used or len(self.inbox) or directory.processing
-               or directory.rounds_in_flight):
-            await directory.idle.wait()
-        await self.sender.wait_idle()
+        while not self.idle():
+            await self.progress.wait()
 
     async def wait_closed(self) -> None:
         await self._stop.wait()
 
     def stop(self) -> None:
-        """Begin a graceful stop: refuse new work (503), then drain for the grace period."""
+        """Begin a graceful stop: answer 503 to new work, then drain for the grace period.
+
+        A second call cuts the drain short: whatever is not delivered stays on disk.
+        """
+        if self._stop.is_set():
+            self._hurry.set()
+        self._begin_stop()
+
+    def _begin_stop(self) -> None:
         if self.state is State.RUNNING:
             self.state = State.DRAINING
         self._stop.set()
 
+    async def _drain_for_grace(self) -> bool:
+        """Drain until idle, the grace period ends or a second stop; True if idle."""
+        async with trio.open_nursery() as nursery:
+            async def hurry() -> None:
+                await self._hurry.wait()
+                nursery.cancel_scope.cancel()
 
-def _journal(
-    conn: Any, *, write_key: str, bodies: list[tuple[str, bytes]], now: float,
-    counter: st.SeqCounter,
-) -> list[int | None]:
-    seqs = st.journal_accept(conn, write_key, bodies, now, counter.next)
-    taken = [s for s in seqs if s is not None]
-    if taken:
-        counter.next = taken[-1] + 1
-    return seqs
-
-
-def infinario_transport(config: Config) -> httpx.AsyncBaseTransport:
-    """A pooled HTTP transport to Infinario, one connection per lane.
-
-    Honours the standard proxy variables (``HTTPS_PROXY``, ``HTTP_PROXY``,
-    ``ALL_PROXY``, ``NO_PROXY``) for the Infinario host, as an HTTP client would.
-    """
-    limits = httpx.Limits(max_connections=config.concurrency,
-                          max_keepalive_connections=config.concurrency)
-    url = urllib.parse.urlsplit(config.infinario_url)
-    proxies = urllib.request.getproxies()
-    proxy = proxies.get(url.scheme) or proxies.get("all")
-    if proxy and url.hostname and urllib.request.proxy_bypass(url.hostname):
-        proxy = None
-    return httpx.AsyncHTTPTransport(limits=limits, proxy=proxy or None)
+            nursery.start_soon(hurry)
+            with trio.move_on_after(self.config.grace):
+                await self.drain()
+            nursery.cancel_scope.cancel()
+        return self.idle()
 
 
 def make_dialect(config: Config) -> Dialect:
@@ -227,6 +244,31 @@ def make_dialect(config: Config) -> Dialect:
         projects = set(config.write_keys.values()) | set(config.project_auth)
         return V2({project: config.auth_header(project) for project in projects})
     return Legacy()
+
+
+async def _startup(router: Router, store: st.Store, lanes: int) -> int:
+    """Upgrade old tables, re-deal the outbox, restore dedup and the counters; the spool."""
+    config = router.config
+    now = router.wall()
+
+    def read(conn: Any) -> tuple[Any, ...]:
+        from .migrate import migrate_v1
+
+        migrate_v1(conn, lanes)
+        outbox.relane(conn, lanes, now)
+        return (st.max_seq(conn, "journal"), st.max_seq(conn, "outbox"),
+                st.max_seq(conn, "dedup"),
+                journal.load_dedup(conn, now - config.dedup_window - router.dedup.slice),
+                journal.spool_bytes(conn) + outbox.spool_bytes(conn))
+
+    journal_max, outbox_max, dedup_max, dedup_rows, spooled = await store.call(read)
+    router.journal_seq.next = journal_max + 1
+    router.outbox_seq.next = outbox_max + 1
+    router.dedup_seq.next = dedup_max + 1
+    for row, at, write_key, ids in dedup_rows:
+        router.dedup.restore(write_key, journal.decode_ids(ids), at, row)
+    router.spool.add(spooled)
+    return int(spooled)
 
 
 @asynccontextmanager
@@ -260,52 +302,45 @@ async def open_router(
                     event_types=config.max_event_types)
     policy = EventPolicy(renames=dict(config.renames), allow_campaign=config.allow_campaign)
     if transport is None:
-        transport = infinario_transport(config)
+        transport = infinario_transport(config.infinario_url,
+                                        max_connections=config.concurrency)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
-            journal_max, outbox_max, spooled = await store.call(
-                lambda c: (st.max_seq(c, "journal"), st.max_seq(c, "outbox"), st.spool_bytes(c))
-            )
-            router.journal_seq.next = journal_max + 1
-            router.outbox_seq.next = outbox_max + 1
-            router.spool.add(spooled)
+            spooled = await _startup(router, store, config.concurrency)
             router.sender = Sender(
                 store=store, dialect=make_dialect(config), base_url=config.infinario_url,
                 lanes=config.concurrency, transport=transport,
                 timeout=config.request_timeout, retry_window=config.retry_window,
                 rate_limit=config.effective_rate_limit, metrics=metrics, spool=router.spool,
                 wall=router.wall, window=config.lane_window, linger=config.linger,
+                changed=router.progress,
             )
-            router.directory = Directory(
+            router.partition = Partition(
                 store=store, write_keys=dict(config.write_keys), policy=policy, limits=limits,
                 session_timeout=config.session_timeout, lanes=config.concurrency,
                 active_customers=config.active_customers, metrics=metrics,
-                deliver=router.sender.deliver, spool=router.spool, outbox_seq=router.outbox_seq,
-                wall=router.wall,
+                offer=router.sender.offer, spool=router.spool, admission=router.admission,
+                outbox_seq=router.outbox_seq, wall=router.wall, changed=router.progress,
             )
-            await nursery.start(router.directory.run, router.inbox)
+            send, receive = trio.open_memory_channel[Journaled](ADMISSION_CAPACITY)
+            router._to_partition = send
+            await nursery.start(router.partition.run, receive)
             await nursery.start(router.sender.run)
             nursery.start_soon(router.sender.watch_replays, router.outbox_seq)
             nursery.start_soon(_sweep_dedup, router)
             _gauges(router)
             if http:
                 host, port = parse_listen(config.listen)
-                router.url = await nursery.start(
-                    partial(serve_asgi, Intake(router), host, port,
-                            shutdown_trigger=router._stop.wait, grace=config.grace)
-                )
+                router.url = await nursery.start(serve_http, Intake(router), host, port)
             router.state = State.RUNNING
             log.info("router started", url=router.url, api=config.api,
-                     infinario=config.infinario_url, data_dir=str(config.data_dir),
-                     recovered_spool_bytes=spooled)
+                     data_dir=str(config.data_dir), recovered_spool_bytes=spooled)
             try:
                 yield router
             finally:
-                router.stop()
-                with trio.move_on_after(config.grace) as scope:
-                    await router.drain()
-                if scope.cancelled_caught:
+                router._begin_stop()
+                if not await router._drain_for_grace():
                     log.warning("grace period over; undelivered commands stay in the outbox",
                                 outbox_in_memory=router.sender.pending)
                 nursery.cancel_scope.cancel()
@@ -321,13 +356,14 @@ def _gauges(router: Router) -> None:
     m = router.metrics
     m.gauge("spool_bytes", "Bytes of journal and outbox not yet finished",
             lambda: router.spool.bytes)
-    m.gauge("inbox_messages", "Journaled messages waiting for their customer",
-            lambda: len(router.inbox))
+    m.gauge("inbox_messages", "Accepted messages not yet turned into committed commands",
+            lambda: router.admission.used)
     m.gauge("outbox_in_memory", "Commands held in memory by the sender",
             lambda: router.sender.pending)
-    m.gauge("customers_active", "Customers in memory", lambda: len(router.directory.states))
+    m.gauge("customers_active", "Customers in memory", lambda: len(router.partition.states))
     m.gauge("session_timers", "Open sessions with a pending deadline",
-            lambda: len(router.directory.timers))
+            lambda: len(router.partition.timers))
+    m.gauge("dedup_ids", "messageIds remembered for dedup", lambda: len(router.dedup))
     m.gauge("journal_commits", "Store transactions committed", lambda: router.store.commits)
 
 
@@ -336,23 +372,60 @@ async def _sweep_dedup(router: Router) -> None:
     interval = min(DEDUP_SWEEP, max(0.05, router.config.dedup_window / 2))
     while True:
         await trio.sleep(interval)
-        before = router.wall() - router.config.dedup_window
-        await router.store.call(partial(st.dedup_expire, before=before))
+        upto = router.dedup.expire(router.wall())
+        if upto:
+            await router.store.call(partial(journal.expire_dedup, upto_row=upto))
 
 
 async def serve(config: Config, *, task_status: trio.TaskStatus[Router] = trio.TASK_STATUS_IGNORED
                 ) -> None:
-    """Run the relay with its HTTP intake until SIGTERM/SIGINT, then stop gracefully."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with open_router(config, http=True) as router:
-            task_status.started(router)
-            async with trio.open_nursery() as nursery:
-                async def watch() -> None:
-                    async for signum in signals:
-                        log.info("signal received; draining", signal=signal.Signals(signum).name)
-                        router.stop()
-                        return
+    """Run the relay with its HTTP intake until SIGTERM/SIGINT, then stop gracefully.
 
-                nursery.start_soon(watch)
-                await router.wait_closed()
-                nursery.cancel_scope.cancel()
+    A second signal during the drain cuts it short; nothing acknowledged is lost,
+    it waits on disk for the next start.
+    """
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        try:
+            await _serve(config, signals, task_status)
+        except BaseExceptionGroup as group:
+            # A startup error (busy port, unusable data dir) is one line, not a tree.
+            first = _router_error(group)
+            if first is None:
+                raise
+            raise first from None
+
+
+def _router_error(group: BaseExceptionGroup[BaseException]) -> RouterError | None:
+    leaves = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    errors = [exc for exc in leaves if isinstance(exc, RouterError)]
+    if errors and all(isinstance(exc, RouterError | trio.Cancelled) for exc in leaves):
+        return errors[0]
+    return None
+
+
+async def _serve(config: Config, signals: Any, task_status: trio.TaskStatus[Router]) -> None:
+    running: list[Router] = []
+    signalled = trio.Event()
+    async with trio.open_nursery() as watcher:
+        async def watch() -> None:
+            async for signum in signals:
+                log.info("signal received; draining", signal=signal.Signals(signum).name)
+                signalled.set()
+                for router in running:
+                    router.stop()
+
+        watcher.start_soon(watch)
+        async with open_router(config, http=True) as router:
+            running.append(router)
+            if signalled.is_set():
+                router.stop()
+            task_status.started(router)
+            await router.wait_closed()
+        watcher.cancel_scope.cancel()

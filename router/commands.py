@@ -29,6 +29,9 @@ class Command(msgspec.Struct, array_like=True, gc=False):
     properties: dict[str, Any]
     timestamp: float
     event_type: str | None = None
+    # The customer (the relay's own key) whose turn produced it: it decides the
+    # sender lane, and a re-dealt backlog keeps each customer's order by it.
+    customer: int = 0
 
 
 class Encoded(msgspec.Struct, array_like=True, gc=False):
@@ -47,6 +50,7 @@ class Encoded(msgspec.Struct, array_like=True, gc=False):
     properties: msgspec.Raw
     timestamp: float
     event_type: str | None = None
+    customer: int = 0
 
 
 _encoder = msgspec.json.Encoder()
@@ -54,13 +58,16 @@ _decoder = msgspec.json.Decoder(Command)
 _encoded_decoder = msgspec.json.Decoder(Encoded)
 
 
-def encode_command(command: Command) -> tuple[Encoded, bytes]:
-    """The outbox form of ``command`` and its bytes."""
+def encode_command(command: Command, customer: int = 0) -> Encoded:
+    """The outbox form of ``command``, produced by ``customer``."""
     encode = _encoder.encode
-    encoded = Encoded(command.kind, command.project, msgspec.Raw(encode(command.ids)),
-                      msgspec.Raw(encode(command.properties)), command.timestamp,
-                      command.event_type)
-    return encoded, encode(encoded)
+    return Encoded(command.kind, command.project, msgspec.Raw(encode(command.ids)),
+                   msgspec.Raw(encode(command.properties)), command.timestamp,
+                   command.event_type, customer)
+
+
+def encode_encoded(encoded: Encoded) -> bytes:
+    return _encoder.encode(encoded)
 
 
 def decode_encoded(data: bytes) -> Encoded:

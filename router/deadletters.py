@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import outbox
 from . import store as st
 from .commands import decode_command
 from .config import DEFAULT_DATA_DIR
@@ -115,10 +116,8 @@ def _replay(conn: sqlite3.Connection, data_dir: Any, where: str, params: list[An
         ).rowcount
         if not running:
             lanes = int(st.meta_get(conn, "lanes", "8") or 8)
-            counter = st.SeqCounter(st.max_seq(conn, "outbox") + 1)
-            from .sender import replay_marked
-
-            replay_marked(conn, counter, lanes, time.time())
+            outbox.replay_marked(conn, next_seq=st.max_seq(conn, "outbox") + 1, lanes=lanes,
+                                 now=time.time())
         conn.execute("COMMIT")
     finally:
         lock.unlock()

@@ -113,12 +113,18 @@ def decode_item(raw: bytes | msgspec.Raw) -> Any:
     ``bytes`` are used as they are (no copy), so a caller that needs the item's
     bytes too can convert a ``Raw`` once and pass those.
     """
-    if len(raw) > MAX_MESSAGE_BYTES:
+    check_size(raw)
+    return _decode_checked(bytes(raw), "message")
+
+
+def check_size(data: bytes | msgspec.Raw, what: str = "") -> None:
+    """Refuse a message whose bytes exceed ``MAX_MESSAGE_BYTES``."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        detail = f" {what}" if what else ""
         raise Rejected(
             "message_too_large",
-            f"message is {len(raw)} bytes; the limit is {MAX_MESSAGE_BYTES} bytes",
+            f"message is {len(data)} bytes{detail}; the limit is {MAX_MESSAGE_BYTES} bytes",
         )
-    return _decode_checked(bytes(raw), "message")
 
 
 # --- time ------------------------------------------------------------------------------------
@@ -201,7 +207,7 @@ def validate(
     if not isinstance(message, dict):
         raise Rejected("invalid_message", "message must be a JSON object")
     kind = message.get("type") if type_ is None else type_
-    if kind not in MESSAGE_TYPES:
+    if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
         raise Rejected(
             "invalid_type",
             f"type must be one of {', '.join(sorted(MESSAGE_TYPES))}, got {kind!r}",
@@ -277,18 +283,3 @@ def validation_adds_only_time(item: Any) -> bool:
 def with_time(raw: bytes, at: float) -> bytes:
     """A JSON object's bytes with ``"_time": at`` added as its last key."""
     return b"%s,\"%s\":%r}" % (raw.rstrip()[:-1], TIME_KEY.encode(), at)
-
-
-def merge_envelope(item: Any, envelope: Envelope) -> Any:
-    """Batch ``context`` and ``integrations`` apply to every item; the item's keys win."""
-    if not isinstance(item, dict):
-        return item
-    for field in ("context", "integrations"):
-        shared = getattr(envelope, field)
-        if shared:
-            own = item.get(field)
-            if own is None:
-                item[field] = dict(shared)
-            elif isinstance(own, dict):
-                item[field] = {**shared, **own}
-    return item

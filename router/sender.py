@@ -1,4 +1,4 @@
-"""The Infinario sender: lanes of outbox commands, bounded concurrency, retries.
+"""The Infinario sender: lanes of outbox rows, bounded concurrency, retries, dead letters.
 
 Commands are dealt to ``concurrency`` lanes by customer (``customer % lanes``).
 Each lane is one task with at most one request in flight, so one customer's
@@ -6,16 +6,20 @@ commands are never in two requests at once and go out in the order the actor
 produced them; the number of lanes is the number of requests in flight, and the
 HTTP pool is sized to match.
 
-A lane keeps a bounded window of its commands in memory. When more arrive than
-fit (Infinario slow or down), the lane "spills": the extra commands stay only in
-the outbox on disk and the lane reads them back in order when its window
-empties. Memory stays flat however long the backlog grows.
+The customers stage hands each lane its committed rows through a bounded memory
+channel. When the channel is full (Infinario slow or down) the stage stops
+handing that lane anything: the rows stay only in the outbox on disk, and the
+lane reads them back in order once it has worked through what it holds. Memory
+stays flat however long the backlog grows.
+
+What an answer means for each command is decided by the pure ``plan``; the
+lane applies it, and one retirer task records the answers in the store in
+batches, so a lane never waits for a commit before its next request.
 """
 
 from __future__ import annotations
 
 import random
-import sqlite3
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,11 +31,14 @@ import msgspec
 import structlog
 import trio
 
+from . import outbox
 from . import store as st
-from .actors import OutboxRow, Spool, spool_size
-from .commands import Encoded, decode_encoded
+from .broadcast import Broadcast
+from .commands import Encoded
 from .infinario import MAX_COMMANDS, Dialect, Verdict
 from .metrics import Metrics
+from .outbox import OutboxRow
+from .spool import Spool
 
 log = structlog.get_logger("router.sender")
 
@@ -39,21 +46,89 @@ DEFAULT_LANE_WINDOW = 500
 DEFAULT_LINGER = 0.05
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 30.0
+LANE_CHANNEL_ROWS = 16
+REPLAY_INTERVAL = 2.0
 _json_encode = msgspec.json.Encoder().encode
 
 
+# --- the plan: what an answer means for each command, pure --------------------------------------
+
+
 @dataclass(slots=True)
+class Plan:
+    """What to do after one request: positions into the batch by outcome."""
+
+    done: list[int] = field(default_factory=list)
+    dead: list[tuple[int, str, str]] = field(default_factory=list)  # (position, status, reason)
+    retry: list[int] = field(default_factory=list)
+    backoff: bool = False
+    delay: float | None = None  # the server's Retry-After, when it gave one
+    outcome: str = "answered"
+
+
+def plan(verdict: Verdict, first_at: Sequence[float], *, now: float,
+         retry_window: float) -> Plan:
+    """Decide each command's fate from Infinario's verdict on a request.
+
+    ``first_at`` holds, per command, when it was first committed: a command to
+    be retried past the retry window is dead-lettered instead.
+    """
+    result = Plan()
+    limit = now - retry_window
+
+    def retry_or_expire(position: int, reason: str) -> None:
+        if first_at[position] < limit:
+            result.dead.append((position, "expired", f"retry window exceeded; last: {reason}"))
+        else:
+            result.retry.append(position)
+
+    if verdict.results is not None:
+        for position, answer in enumerate(verdict.results):
+            if answer.outcome == "ok":
+                result.done.append(position)
+            elif answer.outcome == "retry":
+                retry_or_expire(position, "Infinario answered retry")
+            else:
+                result.dead.append((position, "error", "; ".join(answer.errors)))
+        result.backoff = bool(result.retry)
+    elif verdict.auth:
+        # Not dead-lettered, whatever the retry window: the data is fine, the
+        # configuration is not.
+        result.outcome = "auth"
+        result.retry = list(range(len(first_at)))
+        result.backoff = True
+    elif verdict.retry:
+        result.outcome = "retry"
+        for position in range(len(first_at)):
+            retry_or_expire(position, verdict.reason)
+        result.backoff = True
+        result.delay = verdict.retry_after
+    else:
+        result.outcome = "refused"
+        result.dead = [(position, "rejected", verdict.reason) for position in range(len(first_at))]
+    return result
+
+
+# --- lanes ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
 class Lane:
     index: int
-    items: deque[OutboxRow] = field(default_factory=deque)
-    # Rows with seq > loaded_upto have never been in memory; when spilled they
-    # are read back from the outbox.
+    send: trio.MemorySendChannel[OutboxRow]
+    inbox: trio.MemoryReceiveChannel[OutboxRow]
+    rows: deque[OutboxRow] = field(default_factory=deque)
+    pending: int = 0  # commands held in ``rows`` that are not final
+    # At start, and whenever the channel was full, rows exist only on disk: the
+    # lane reads them back (seq > loaded_upto) before taking from the channel again.
+    backlog_on_disk: bool = True
+    backlog_upto: int = 0
     loaded_upto: int = 0
-    spilled: bool = True
-    spilled_max: int = 0
-    wake: trio.Event = field(default_factory=trio.Event)
-    failures: int = 0
+    # Rows handed to the channel and not yet taken (a waiting receiver gets a row
+    # straight from send_nowait, so the channel's own buffer can look empty).
+    queued: int = 0
     busy: bool = False
+    failures: int = 0
 
 
 class TokenBucket:
@@ -79,9 +154,15 @@ class TokenBucket:
 
 
 @dataclass(slots=True)
-class _Finished:
-    done: list[OutboxRow] = field(default_factory=list)
-    dead: list[tuple[OutboxRow, str, str]] = field(default_factory=list)
+class _Answers:
+    """Answers not yet recorded in the store, collected from every lane."""
+
+    finished: list[OutboxRow] = field(default_factory=list)
+    partial: dict[int, OutboxRow] = field(default_factory=dict)
+    dead: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.finished or self.partial or self.dead)
 
 
 class Sender:
@@ -101,6 +182,7 @@ class Sender:
         wall: Callable[[], float],
         window: int = DEFAULT_LANE_WINDOW,
         linger: float = DEFAULT_LINGER,
+        changed: Broadcast | None = None,
     ) -> None:
         self.store = store
         self.dialect = dialect
@@ -114,107 +196,141 @@ class Sender:
         self.wall = wall
         self.window = window
         self.linger = linger
-        self.lanes = [Lane(i) for i in range(lanes)]
+        self.lanes = []
+        for index in range(lanes):
+            send, receive = trio.open_memory_channel[OutboxRow](LANE_CHANNEL_ROWS)
+            self.lanes.append(Lane(index, send, receive))
+        # Fired when a lane or the retirer may have gone idle.
+        self.changed = changed or Broadcast()
+        self._answering = Broadcast()  # fired whenever Infinario processes a request
+        self._answers = _Answers()
+        self._answers_ready = trio.Event()
+        self._retiring = False
         self._auth_reported: set[str] = set()
-        self._answering = trio.Event()  # set whenever Infinario answers a request
-        self._finishing = 0
-        self._nursery: trio.Nursery
-        self._changed = trio.Event()
 
-    # --- intake side -----------------------------------------------------------------------
+    # --- the customers stage's side --------------------------------------------------------
 
-    def deliver(self, rows: Sequence[OutboxRow]) -> None:
-        """Take committed outbox rows (called by the directory after its commit)."""
-        for row in rows:
-            lane = self.lanes[row.lane]
-            if lane.spilled or len(lane.items) >= self.window:
-                lane.spilled = True
-                if row.seq > lane.spilled_max:
-                    lane.spilled_max = row.seq
-            elif row.seq > lane.loaded_upto:
-                lane.items.append(row)
-                lane.loaded_upto = row.seq
-            lane.wake.set()
+    def offer(self, row: OutboxRow) -> None:
+        """Take a committed row; never blocks: a full lane leaves it on disk."""
+        lane = self.lanes[row.lane]
+        if not lane.backlog_on_disk:
+            try:
+                lane.send.send_nowait(row)
+                lane.queued += 1
+                return
+            except trio.WouldBlock:
+                lane.backlog_on_disk = True
+        lane.backlog_upto = max(lane.backlog_upto, row.seq)
 
     @property
     def pending(self) -> int:
-        return sum(len(lane.items) for lane in self.lanes)
+        """Commands held in memory, not yet final."""
+        return sum(lane.pending for lane in self.lanes)
 
     def idle(self) -> bool:
-        return not self._finishing and all(
-            not lane.items and not lane.spilled and not lane.busy for lane in self.lanes)
+        return not self._answers and not self._retiring and all(
+            not lane.pending and not lane.backlog_on_disk and not lane.busy and not lane.queued
+            for lane in self.lanes)
 
     async def wait_idle(self) -> None:
         while not self.idle():
-            self._changed = trio.Event()
-            await self._changed.wait()
+            await self.changed.wait()
 
-    # --- lanes -----------------------------------------------------------------------------
+    # --- running ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
             for lane in self.lanes:
                 nursery.start_soon(self._lane, lane)
+            nursery.start_soon(self._retirer)
             task_status.started()
 
     async def _lane(self, lane: Lane) -> None:
         while True:
-            if not lane.items:
-                if lane.spilled:
+            self._take_offered(lane)
+            if not lane.pending:
+                if lane.backlog_on_disk:
                     await self._refill(lane)
                     continue
-                self._changed.set()
-                lane.wake = trio.Event()
-                await lane.wake.wait()
+                self.changed.fire()
+                try:
+                    row = await lane.inbox.receive()
+                except trio.EndOfChannel:
+                    return
+                self._received(lane, row)
                 continue
-            if len(lane.items) < MAX_COMMANDS and not lane.spilled and self.linger > 0:
+            if lane.pending < MAX_COMMANDS and not lane.backlog_on_disk and self.linger > 0:
                 # Wait briefly for a fuller request: under a trickle of single
                 # messages, one request per command would cost far more than the
                 # few milliseconds of delivery delay.
                 with trio.move_on_after(self.linger):
-                    while len(lane.items) < MAX_COMMANDS:
-                        lane.wake = trio.Event()
-                        await lane.wake.wait()
-            batch = self._take(lane)
+                    while lane.pending < MAX_COMMANDS:
+                        try:
+                            row = await lane.inbox.receive()
+                        except trio.EndOfChannel:
+                            break
+                        self._received(lane, row)
             lane.busy = True
             try:
-                await self._send(lane, batch)
+                await self._send(lane, self._take(lane))
             finally:
                 lane.busy = False
 
-    async def _refill(self, lane: Lane) -> None:
-        after = lane.loaded_upto
-        rows = await self.store.call(
-            lambda conn: st.outbox_load(conn, lane.index, after, self.window)
-        )
-        for seq, customer, body, first_at, size in rows:
-            lane.items.append(
-                OutboxRow(seq, lane.index, customer, decode_encoded(body), body, first_at,
-                          size=size)
-            )
-            lane.loaded_upto = seq
-        if len(rows) < self.window and lane.spilled_max <= lane.loaded_upto:
-            lane.spilled = False
+    def _received(self, lane: Lane, row: OutboxRow) -> None:
+        lane.queued -= 1
+        self._hold(lane, row)
 
-    def _take(self, lane: Lane) -> list[OutboxRow]:
-        # One project per request: v2 puts the token in the URL, and the legacy
-        # dialect gains nothing from mixing.
-        items = lane.items
-        project = items[0].command.project
-        batch: list[OutboxRow] = []
-        for row in items:
-            if row.command.project != project or len(batch) == MAX_COMMANDS:
-                break
-            batch.append(row)
+    def _hold(self, lane: Lane, row: OutboxRow) -> None:
+        if row.seq <= lane.loaded_upto:
+            return  # read from disk already
+        lane.rows.append(row)
+        lane.pending += row.remaining
+        lane.loaded_upto = row.seq
+
+    def _take_offered(self, lane: Lane) -> None:
+        """Move rows waiting in the channel into the lane while its window has room."""
+        while lane.pending < self.window:
+            try:
+                row = lane.inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            self._received(lane, row)
+
+    async def _refill(self, lane: Lane) -> None:
+        """Read the lane's rows that exist only on disk, in order."""
+        after = lane.loaded_upto
+        limit = max(1, self.window // MAX_COMMANDS)
+        rows = await self.store.call(partial(outbox.load_lane, lane=lane.index, after=after,
+                                             limit=limit))
+        for seq, index, body, done, first_at in rows:
+            self._hold(lane, outbox.row_from_db(seq, index, body, done, first_at))
+        if len(rows) < limit and lane.loaded_upto >= lane.backlog_upto:
+            lane.backlog_on_disk = False
+
+    def _take(self, lane: Lane) -> list[tuple[OutboxRow, int]]:
+        """The lane's next request: its first commands not yet final, one project, at most 50."""
+        batch: list[tuple[OutboxRow, int]] = []
+        project = None
+        for row in lane.rows:
+            final = row.final
+            for position, command in enumerate(row.commands):
+                if final[position]:
+                    continue
+                if project is None:
+                    project = command.project
+                elif command.project != project:
+                    return batch
+                batch.append((row, position))
+                if len(batch) == MAX_COMMANDS:
+                    return batch
         return batch
 
-    async def _send(self, lane: Lane, batch: list[OutboxRow]) -> None:
-        project = batch[0].command.project
+    async def _send(self, lane: Lane, batch: list[tuple[OutboxRow, int]]) -> None:
+        commands: list[Encoded] = [row.commands[position] for row, position in batch]
+        project = commands[0].project
         if self.bucket is not None:
             await self.bucket.acquire()
-        commands: list[Encoded] = [row.command for row in batch]
-        for row in batch:
+        for row in {id(row): row for row, _ in batch}.values():
             row.attempts += 1
         try:
             status, content, retry_after = await self._post(
@@ -225,29 +341,49 @@ class Sender:
             verdict = self.dialect.verdict(status, content, len(batch), retry_after)
         except httpx.HTTPError as exc:
             verdict = Verdict(retry=True, reason=f"{type(exc).__name__}: {exc}")
-        finished = _Finished()
-        keep: list[OutboxRow] = []  # rows of this batch that stay at the head of the lane
-        delay: float | None = None
-        backoff = False
-        if verdict.results is not None:
-            self.metrics.inc("infinario_requests_total", outcome="answered")
-            if not verdict.results or verdict.results[0].outcome != "retry":
-                self._answering.set()
-                self._answering = trio.Event()
-            for row, result in zip(batch, verdict.results, strict=True):
-                if result.outcome == "ok":
-                    finished.done.append(row)
-                elif result.outcome == "retry":
-                    keep.append(row)
-                else:
-                    finished.dead.append((row, "error", "; ".join(result.errors)))
-            self.metrics.inc("commands_delivered_total", len(finished.done))
-            if keep:
-                self.metrics.inc("commands_retried_total", len(keep))
-                keep = self._expire(keep, "Infinario answered retry", finished)
-                backoff = True
-        elif verdict.auth:
-            self.metrics.inc("infinario_requests_total", outcome="auth")
+        now = self.wall()
+        decided = plan(verdict, [row.first_at for row, _ in batch], now=now,
+                       retry_window=self.retry_window)
+        self.metrics.inc("infinario_requests_total", outcome=decided.outcome)
+        if decided.outcome == "answered" and (not decided.retry or decided.done):
+            self._answering.fire()
+        if decided.done:
+            self.metrics.inc("commands_delivered_total", len(decided.done))
+        if decided.retry:
+            self.metrics.inc("commands_retried_total", len(decided.retry))
+        self._log(decided, verdict, lane, project, batch)
+        for position in decided.done:
+            self._finalize(lane, *batch[position])
+        for position, fate, reason in decided.dead:
+            row, index = batch[position]
+            command = row.commands[index]
+            self._answers.dead.append(
+                (now, command.project, command.customer, _json_encode(command), fate,
+                 _json_encode([reason]).decode(), row.attempts, row.first_at, now))
+            self.metrics.inc("dead_letters_total", status=fate)
+            self._finalize(lane, row, index)
+        self._answers_ready.set()
+        if decided.backoff:
+            await self._backoff(lane, decided.delay)
+        else:
+            lane.failures = 0
+
+    def _finalize(self, lane: Lane, row: OutboxRow, position: int) -> None:
+        row.final[position] = 1
+        row.remaining -= 1
+        lane.pending -= 1
+        if row.remaining:
+            self._answers.partial[row.seq] = row
+            return
+        self._answers.partial.pop(row.seq, None)
+        self._answers.finished.append(row)
+        rows = lane.rows
+        while rows and not rows[0].remaining:
+            rows.popleft()
+
+    def _log(self, decided: Plan, verdict: Verdict, lane: Lane, project: str,
+             batch: list[tuple[OutboxRow, int]]) -> None:
+        if decided.outcome == "auth":
             if project not in self._auth_reported:
                 self._auth_reported.add(project)
                 log.error(
@@ -255,38 +391,16 @@ class Sender:
                     "and restart. Commands are kept and retried.",
                     project=project, reason=verdict.reason,
                 )
-            # Not dead-lettered, whatever the retry window: the data is fine, the
-            # configuration is not.
-            keep = batch
-            backoff = True
-        elif verdict.retry:
-            self.metrics.inc("infinario_requests_total", outcome="retry")
+        elif decided.outcome == "retry":
             log.warning("Infinario request failed; retrying", reason=verdict.reason,
-                        lane=lane.index, attempt=batch[0].attempts)
-            keep = self._expire(batch, verdict.reason, finished)
-            backoff = True
-            delay = verdict.retry_after
-        else:
-            self.metrics.inc("infinario_requests_total", outcome="refused")
+                        lane=lane.index, attempt=batch[0][0].attempts)
+        elif decided.outcome == "refused":
             log.error("Infinario refused the request; dead-lettering its commands",
                       reason=verdict.reason, count=len(batch))
-            for row in batch:
-                finished.dead.append((row, "rejected", verdict.reason))
-        # The batch is the head of the lane; what must be sent again goes back there.
-        items = lane.items
-        for _ in batch:
-            items.popleft()
-        items.extendleft(reversed(keep))
-        if finished.done or finished.dead:
-            # The lane goes on at once; the outbox rows are retired in the next
-            # group commit. A crash before it only means those commands are sent
-            # again, which is the at-least-once promise anyway.
-            self._finishing += 1
-            self._nursery.start_soon(self._finish, finished)
-        if backoff:
-            await self._backoff(lane, delay)
-        else:
-            lane.failures = 0
+        for position, status, reason in decided.dead:
+            command = batch[position][0].commands[batch[position][1]]
+            log.error("command dead-lettered", status=status, reason=reason,
+                      type=command.event_type, kind=command.kind)
 
     async def _post(
         self, url: str, headers: dict[str, str], body: bytes
@@ -305,108 +419,58 @@ class Sender:
             await response.aclose()
         return response.status_code, content, response.headers.get("retry-after")
 
-    def _expire(
-        self, rows: list[OutboxRow], reason: str, finished: _Finished
-    ) -> list[OutboxRow]:
-        """Dead-letter the rows past the retry window; return the others."""
-        limit = self.wall() - self.retry_window
-        keep = []
-        for row in rows:
-            if row.first_at < limit:
-                finished.dead.append((row, "expired", f"retry window exceeded; last: {reason}"))
-            else:
-                keep.append(row)
-        return keep
-
     async def _backoff(self, lane: Lane, retry_after: float | None) -> None:
         lane.failures += 1
         if retry_after is not None:
-            delay = retry_after
-        else:
-            ceiling = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** min(lane.failures - 1, 16))
-            delay = ceiling * random.uniform(0.5, 1.0)
-            # Lanes back off independently, but one answered request means
-            # Infinario is back: the others stop waiting out long backoffs then.
-            with trio.move_on_after(delay):
-                await self._answering.wait()
+            await trio.sleep(retry_after)
             return
-        await trio.sleep(delay)
+        ceiling = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** min(lane.failures - 1, 16))
+        # Lanes back off independently, but one answered request means Infinario
+        # is back: the others stop waiting out long backoffs then.
+        with trio.move_on_after(ceiling * random.uniform(0.5, 1.0)):
+            await self._answering.wait()
 
-    async def _finish(self, finished: _Finished) -> None:
-        try:
-            await self._retire(finished)
-        finally:
-            self._finishing -= 1
-            self._changed.set()
+    # --- recording answers -----------------------------------------------------------------
 
-    async def _retire(self, finished: _Finished) -> None:
-        now = self.wall()
-        dead = [
-            (row.seq, row.command.project, row.customer, row.body, status,
-             _json_encode([reason]).decode(), row.attempts, row.first_at, now)
-            for row, status, reason in finished.dead
-        ]
-        freed = sum(row.size for row in finished.done)
-        freed += sum(row.size for row, _, _ in finished.dead)
-        done = [row.seq for row in finished.done]
-        await self.store.call(lambda conn: _finish(conn, done, dead, now))
-        self.spool.add(-freed)
-        for row, status, reason in finished.dead:
-            self.metrics.inc("dead_letters_total", status=status)
-            log.error("command dead-lettered", status=status, reason=reason,
-                      project=row.command.project, type=row.command.event_type,
-                      kind=row.command.kind)
-        self._changed.set()
+    async def _retirer(self) -> None:
+        """Record every lane's answers in the store, as many as have come in per commit.
+
+        A crash before an answer is recorded only means that command is sent
+        again, which is the at-least-once promise anyway.
+        """
+        while True:
+            await self._answers_ready.wait()
+            self._answers_ready = trio.Event()
+            answers, self._answers = self._answers, _Answers()
+            if not answers:
+                continue
+            self._retiring = True
+            try:
+                finished = [row.seq for row in answers.finished]
+                partial = [(bytes(row.final), row.seq) for row in answers.partial.values()]
+                await self.store.call(partial_op(finished, partial, answers.dead))
+                self.spool.add(-sum(row.size for row in answers.finished))
+            finally:
+                self._retiring = False
+                self.changed.fire()
 
     # --- dead letters replayed while running -----------------------------------------------
 
-    async def watch_replays(self, counter: st.SeqCounter, interval: float = 2.0) -> None:
+    async def watch_replays(self, seqs: st.SeqCounter, interval: float = REPLAY_INTERVAL) -> None:
         """Pick up dead letters marked for replay by ``infinario-router dead-letters replay``."""
         while True:
             await trio.sleep(interval)
-            now = self.wall()  # trio's clock is not readable from the writer thread
-            rows = await self.store.call(
-                partial(replay_marked, counter=counter, lanes=len(self.lanes), now=now)
-            )
+            # Each lane gets at most one row: reserve that many sequence numbers.
+            first = seqs.take(len(self.lanes))
+            rows = await self.store.call(partial(
+                outbox.replay_marked, next_seq=first, lanes=len(self.lanes), now=self.wall()))
             if rows:
-                log.info("dead letters replayed", count=len(rows))
-                self.spool.add(sum(r.size for r in rows))
-                self.deliver(rows)
+                log.info("dead letters replayed", count=sum(len(r.commands) for r in rows))
+                self.spool.add(sum(row.size for row in rows))
+                for row in rows:
+                    self.offer(row)
 
 
-def _finish(
-    conn: sqlite3.Connection, done: list[int], dead: Sequence[tuple[Any, ...]], now: float
-) -> None:
-    if dead:
-        conn.executemany(
-            "INSERT INTO dead_letters(created_at, project, customer, command, origin, status,"
-            " errors, attempts, first_at, last_at) SELECT ?, ?, ?, ?, origin, ?, ?, ?, ?, ?"
-            " FROM outbox WHERE seq = ?",
-            [(now, project, customer, body, status, errors, attempts, first_at, last_at, seq)
-             for seq, project, customer, body, status, errors, attempts, first_at, last_at
-             in dead],
-        )
-    st.delete_seqs(conn, "outbox", [*done, *(row[0] for row in dead)])
-
-
-def replay_marked(
-    conn: sqlite3.Connection, counter: st.SeqCounter, lanes: int, now: float
-) -> list[OutboxRow]:
-    """Move dead letters marked for replay back into the outbox, with fresh retry windows."""
-    rows = conn.execute(
-        "SELECT id, customer, command, origin FROM dead_letters WHERE replay = 1 "
-        "AND command IS NOT NULL ORDER BY id"
-    ).fetchall()
-    out: list[OutboxRow] = []
-    for dead_id, customer, body, origin in rows:
-        seq = counter.next
-        counter.next += 1
-        lane = int(customer) % lanes
-        conn.execute(
-            "INSERT INTO outbox(seq, lane, customer, body, origin, first_at) VALUES(?,?,?,?,?,?)",
-            (seq, lane, customer, body, origin, now),
-        )
-        conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_id,))
-        out.append(OutboxRow(seq, lane, int(customer), decode_encoded(body), body, now,
-                             size=spool_size(body, origin)))
-    return out
+def partial_op(finished: list[int], partial_rows: list[tuple[bytes, int]],
+               dead: list[tuple[Any, ...]]) -> Callable[[Any], None]:
+    return lambda conn: outbox.progress(conn, finished=finished, partial=partial_rows, dead=dead)

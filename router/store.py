@@ -7,14 +7,15 @@ share one commit (group commit) and durability costs one fsync per round, not
 one per request. One failing operation does not undo its neighbours: the round
 is rolled back and its operations run again one transaction each.
 
-Tables:
-    journal        accepted Segment messages not yet turned into commands
-    dedup          (write key, messageId) seen within the dedup window
-    outbox         Infinario commands not yet answered finally, with their origin
+Tables (schema version 2):
+    journal        one row per accepted request: its messages, not yet turned into commands
+    dedup          one row per accepted request: its messageIds, kept for the dedup window
+    outbox         one row per round and sender lane: encoded commands not yet answered
+                   finally, with which of them are done
     customers      hibernated customer state, with the open session's deadline
     ids            (project, id) -> customer
     schema         event types and property keys Infinario already knows, per project
-    dead_letters   commands Infinario refused or that ran out of retries
+    dead_letters   commands Infinario refused or that ran out of retries, refused messages
     meta           small counters
 """
 
@@ -25,7 +26,7 @@ import errno
 import fcntl
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -40,17 +41,16 @@ DB_NAME = "router.db"
 WAL_CHECKPOINT_PAGES = 10_000
 LOCK_NAME = "router.lock"
 
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS journal(
     seq INTEGER PRIMARY KEY, write_key TEXT NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS dedup(
-    write_key TEXT NOT NULL, message_id TEXT NOT NULL, seen_at REAL NOT NULL,
-    PRIMARY KEY(write_key, message_id)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS dedup_seen ON dedup(seen_at);
+    id INTEGER PRIMARY KEY, at REAL NOT NULL, write_key TEXT NOT NULL, ids BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox(
-    seq INTEGER PRIMARY KEY, lane INTEGER NOT NULL, customer INTEGER NOT NULL,
-    body BLOB NOT NULL, origin BLOB, first_at REAL NOT NULL);
+    seq INTEGER PRIMARY KEY, lane INTEGER NOT NULL, body BLOB NOT NULL, done BLOB,
+    first_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS outbox_lane ON outbox(lane, seq);
 CREATE TABLE IF NOT EXISTS customers(
     key INTEGER PRIMARY KEY, state BLOB NOT NULL, deadline REAL);
@@ -147,7 +147,11 @@ def open_database(path: Path) -> sqlite3.Connection:
     """Open (creating if needed) and check the database; errors are one line."""
     try:
         conn = open_connection(path)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version < SCHEMA_VERSION:
+            _set_aside_v1(conn)
         conn.executescript(SCHEMA)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         row = conn.execute("PRAGMA quick_check").fetchone()
         if row is None or row[0] != "ok":
             conn.close()
@@ -161,6 +165,20 @@ def open_database(path: Path) -> sqlite3.Connection:
             "if it is corrupt, move it aside to start with an empty one"
         ) from None
     return conn
+
+
+def _set_aside_v1(conn: sqlite3.Connection) -> None:
+    """Rename version 1's per-message dedup and per-command outbox tables out of the way.
+
+    ``migrate.py`` moves their rows into the version 2 tables when the relay starts,
+    so an upgrade keeps every acknowledged message and every pending command.
+    """
+    for table in ("dedup", "outbox"):
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if "message_id" in columns or "customer" in columns:
+            conn.execute(f"DROP INDEX IF EXISTS {table}_seen")
+            conn.execute(f"DROP INDEX IF EXISTS {table}_lane")
+            conn.execute(f"ALTER TABLE {table} RENAME TO {table}_v1")
 
 
 @dataclass(slots=True)
@@ -303,52 +321,10 @@ def meta_set(conn: sqlite3.Connection, key: str, value: str) -> None:
 
 
 def max_seq(conn: sqlite3.Connection, table: str) -> int:
-    assert table in ("journal", "outbox")
-    row = conn.execute(f"SELECT MAX(seq) FROM {table}").fetchone()
+    assert table in ("journal", "outbox", "dedup")
+    key = "id" if table == "dedup" else "seq"
+    row = conn.execute(f"SELECT MAX({key}) FROM {table}").fetchone()
     return int(row[0] or 0)
-
-
-def spool_bytes(conn: sqlite3.Connection) -> int:
-    journal = conn.execute("SELECT COALESCE(SUM(length(body)), 0) FROM journal").fetchone()[0]
-    outbox = conn.execute(
-        "SELECT COALESCE(SUM(length(body) + COALESCE(length(origin), 0)), 0) FROM outbox"
-    ).fetchone()[0]
-    return int(journal) + int(outbox)
-
-
-def journal_accept(
-    conn: sqlite3.Connection,
-    write_key: str,
-    messages: Sequence[tuple[str, bytes]],
-    now: float,
-    next_seq: int,
-) -> list[int | None]:
-    """Journal new messages, skipping (None) those whose messageId was seen already."""
-    seen: set[str] = set()
-    ids = [message_id for message_id, _ in messages]
-    for start in range(0, len(ids), 500):
-        part = ids[start : start + 500]
-        marks = ",".join("?" * len(part))
-        seen.update(row[0] for row in conn.execute(
-            f"SELECT message_id FROM dedup WHERE write_key = ? AND message_id IN ({marks})",
-            (write_key, *part),
-        ))
-    result: list[int | None] = []
-    rows = []
-    fresh = []
-    for message_id, body in messages:
-        if message_id in seen:
-            result.append(None)
-            continue
-        seen.add(message_id)  # the same id twice in one request counts once
-        rows.append((next_seq, write_key, body))
-        fresh.append((write_key, message_id, now))
-        result.append(next_seq)
-        next_seq += 1
-    if rows:
-        insert_many(conn, "INSERT INTO dedup(write_key, message_id, seen_at)", fresh)
-        insert_many(conn, "INSERT INTO journal(seq, write_key, body)", rows)
-    return result
 
 
 # SQLite's historical default cap on bound parameters per statement.
@@ -376,45 +352,28 @@ def insert_many(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any
 def delete_seqs(conn: sqlite3.Connection, table: str, seqs: Sequence[int]) -> None:
     """Delete rows by seq, a few hundred per statement."""
     assert table in ("journal", "outbox")
-    for start in range(0, len(seqs), 500):
-        part = seqs[start : start + 500]
+    for part in in_chunks(seqs):
         conn.execute(f"DELETE FROM {table} WHERE seq IN ({','.join('?' * len(part))})", part)
 
 
-def journal_load(
-    conn: sqlite3.Connection, after: int, upto: int, limit: int
-) -> list[tuple[int, str, bytes]]:
-    return conn.execute(
-        "SELECT seq, write_key, body FROM journal WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-        (after, upto, limit),
-    ).fetchall()
-
-
-def dedup_expire(conn: sqlite3.Connection, before: float) -> int:
-    return conn.execute("DELETE FROM dedup WHERE seen_at < ?", (before,)).rowcount
-
-
-def outbox_load(
-    conn: sqlite3.Connection, lane: int, after: int, limit: int
-) -> list[tuple[int, int, bytes, float, int]]:
-    return conn.execute(
-        "SELECT seq, customer, body, first_at, length(body) + COALESCE(length(origin), 0) "
-        "FROM outbox WHERE lane = ? AND seq > ? "
-        "ORDER BY seq LIMIT ?",
-        (lane, after, limit),
-    ).fetchall()
-
-
-def outbox_relane(conn: sqlite3.Connection, lanes: int) -> None:
-    """Lanes are ``customer % concurrency``; a changed concurrency re-deals the spool."""
-    previous = meta_get(conn, "lanes")
-    if previous != str(lanes):
-        conn.execute("UPDATE outbox SET lane = customer % ?", (lanes,))
-        meta_set(conn, "lanes", str(lanes))
+def in_chunks(values: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
+    """``values`` a few hundred at a time: SQLite caps the parameters of one statement."""
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 class SeqCounter:
-    """A sequence advanced only inside store operations, so only by the writer thread."""
+    """Sequence numbers handed out in the trio thread.
+
+    Store operations run in submission order, so rows numbered before they are
+    submitted reach the table in number order.
+    """
 
     def __init__(self, start: int = 1) -> None:
         self.next = start
+
+    def take(self, count: int = 1) -> int:
+        """The first of ``count`` consecutive numbers, now taken."""
+        first = self.next
+        self.next += count
+        return first

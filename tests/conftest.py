@@ -45,8 +45,9 @@ class Relay:
     infinario: FakeInfinario
     # Every list of validated messages the intake handed to the pipeline.
     accepted: list[list[dict[str, Any]]]
-    # The journal bytes the intake gave with each message (None: the router encodes it).
-    given_bodies: list[list[bytes | None]]
+    # The journal bytes the intake gave with each message, and each request's shared part.
+    given_items: list[list[bytes]]
+    given_shared: list[bytes | None]
 
     @property
     def url(self) -> str:
@@ -101,17 +102,19 @@ async def relay(tmp_path: Path, relay_options: dict[str, Any]) -> AsyncIterator[
         config, http=True, transport=httpx.MockTransport(infinario.handler)
     ) as router:
         accepted: list[list[dict[str, Any]]] = []
-        given: list[list[bytes | None]] = []
+        items: list[list[bytes]] = []
+        shared_parts: list[bytes | None] = []
         accept = router.accept
 
         async def spy(write_key: str, messages: Sequence[dict[str, Any]],
-                      bodies: Sequence[bytes | None] | None = None) -> Accepted:
-            result = await accept(write_key, messages, bodies)
+                      given: Sequence[bytes], shared: bytes | None = None) -> Accepted:
+            result = await accept(write_key, messages, given, shared)
             accepted.append([dict(m) for m in messages])
-            given.append(list(bodies) if bodies is not None else [None] * len(messages))
+            items.append(list(given))
+            shared_parts.append(shared)
             return result
 
         router.accept = spy  # type: ignore[method-assign]
         assert router.url is not None
         async with httpx.AsyncClient(base_url=router.url, timeout=10) as client:
-            yield Relay(router, client, infinario, accepted, given)
+            yield Relay(router, client, infinario, accepted, items, shared_parts)

@@ -61,11 +61,11 @@ def customers(infinario: FakeInfinario) -> list[dict[str, Any]]:
 
 
 def key_of(router: Router, id_key: str) -> int:
-    return router.directory.index[(PROJECT, id_key)]
+    return router.partition.index[(PROJECT, id_key)]
 
 
 def state_of(router: Router, id_key: str) -> CustomerState:
-    return router.directory.states[key_of(router, id_key)]
+    return router.partition.states[key_of(router, id_key)]
 
 
 async def query(router: Router, sql: str) -> list[tuple[Any, ...]]:
@@ -113,7 +113,7 @@ class TestMergeByAlias:
             await send(router, "page", t0 + 30, anonymousId="a1")
             await router.drain()
 
-            directory = router.directory
+            directory = router.partition
             assert list(directory.states) == [registered]
             assert key_of(router, "c:a1") == key_of(router, "r:u1") == registered
             state = directory.states[registered]
@@ -152,7 +152,7 @@ class TestMergeByCall:
             await send(router, "track", t0 + 51, userId="u1", anonymousId="a2", event="Bought")
             await router.drain()
 
-            directory = router.directory
+            directory = router.partition
             assert list(directory.states) == [registered]
             state = directory.states[registered]
             assert (state.registered, state.cookies) == ("u1", ["a1", "a2"])
@@ -184,9 +184,9 @@ class TestRegisteredIdsNeverMerge:
 
             first, second = key_of(router, "r:u1"), key_of(router, "r:u2")
             assert first != second
-            assert router.directory.states[first].registered == "u1"
-            assert router.directory.states[second].registered == "u2"
-            assert (PROJECT, "c:u2") not in router.directory.index
+            assert router.partition.states[first].registered == "u1"
+            assert router.partition.states[second].registered == "u2"
+            assert (PROJECT, "c:u2") not in router.partition.index
             assert len(customers(infinario)) == 2  # the two identifies, no alias
 
             [(status, project, errors, origin)] = await query(
@@ -208,7 +208,7 @@ class TestRegisteredIdsNeverMerge:
             await router.drain()
             await send(router, "identify", t0 + 1, userId="u2")
             await router.drain()
-            assert key_of(router, "r:u1") not in router.directory.states
+            assert key_of(router, "r:u1") not in router.partition.states
 
             await send(router, "alias", t0 + 2, userId="u2", previousId="u1")
             await router.drain()
@@ -238,7 +238,7 @@ class TestSharedDevice:
             first, second = key_of(router, "r:u1"), key_of(router, "r:u2")
             assert first != second
             assert key_of(router, "c:device") == second
-            one, two = router.directory.states[first], router.directory.states[second]
+            one, two = router.partition.states[first], router.partition.states[second]
             assert (one.registered, one.cookies) == ("u1", [])
             assert (two.registered, two.cookies) == ("u2", ["device"])
             # Anonymous activity on the device now belongs to u2.
@@ -261,7 +261,7 @@ class TestSharedDevice:
             assert state_of(router, "r:u1").cookies == []
             assert state_of(router, "r:u2").cookies == ["own", "device"]
             assert key_of(router, "c:device") == second
-            assert len(router.directory.states) == 2
+            assert len(router.partition.states) == 2
 
 
 class TestGroup:
@@ -306,7 +306,7 @@ class TestSessionTimer:
             await send(router, "page", t0 + 5, userId="u1", context={"ip": "1.2.3.4"})
             await router.drain()
             assert events(infinario, "session_end") == []
-            assert len(router.directory.timers) == 1
+            assert len(router.partition.timers) == 1
 
             thaw(autojump_clock)
             await trio.sleep(timeout + 10)
@@ -320,7 +320,7 @@ class TestSessionTimer:
                            "timestamp": t0 + 5}
             state = state_of(router, "r:u1")
             assert state.session_start is None and state.deadline(timeout) is None
-            assert router.directory.timers == []
+            assert len(router.partition.timers) == 0
             assert await query(router, "SELECT deadline FROM customers") == [(None,)]
 
             # The next activity starts a new session.
@@ -348,7 +348,7 @@ class TestSessionTimer:
             await settle(router, autojump_clock)
 
             assert events(infinario, "session_end") == []
-            assert router.directory.timers == []
+            assert len(router.partition.timers) == 0
             await send(router, "track", t0 + 100, userId="u1", event="Bought")
             await router.drain()
             assert len(events(infinario, "Bought")) == 2
@@ -366,7 +366,7 @@ class TestHibernation:
             for n in range(10):
                 await send(router, "page", t0 + n, userId=f"u{n}", anonymousId=f"a{n}")
                 await router.drain()
-            directory = router.directory
+            directory = router.partition
             assert len(directory.states) <= 2
             assert len(directory.index) <= 4
             assert len(directory.timers) == 10  # hibernated sessions keep their deadline
@@ -415,7 +415,7 @@ class TestRestart:
         assert events(infinario, "session_end") == []
 
         async with running(tmp_path, infinario, **options) as router:
-            directory = router.directory
+            directory = router.partition
             assert [key for _, key in directory.timers] == [merged]
             await send(router, "track", t0 + 6, anonymousId="a1", event="Came Back")
             await send(router, "group", t0 + 7, userId="u1", groupId="g2")

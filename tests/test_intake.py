@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-import router.intake as intake_module
+import router.inflate as inflate_module
 from router import Overloaded, open_router
 from router.app import State
 
@@ -217,12 +217,13 @@ class TestBatchEndpoints:
         response = await relay.client.post("/v1/batch", content=content,
                                            headers=basic(WRITE_KEY))
         assert response.json()["accepted"] == 3
-        [messages], [bodies] = relay.accepted, relay.given_bodies
-        first, second, third = bodies
-        assert first is not None and first.startswith(as_sent[:-1])
+        [messages], [items] = relay.accepted, relay.given_items
+        first, second, third = items
+        assert first.startswith(as_sent[:-1])  # the client's own bytes, plus the time
         assert json.loads(first) == messages[0]
-        assert messages[1]["userId"] == "2" and second is None  # coerced: encoded anew
-        assert third is None  # messageId filled in
+        assert messages[1]["userId"] == "2"  # coerced: encoded anew
+        assert json.loads(second) == messages[1]
+        assert json.loads(third) == messages[2]  # messageId filled in
         assert len(await relay.events()) == 3
 
     async def test_empty_batch_is_accepted(self, relay: Relay) -> None:
@@ -390,7 +391,7 @@ class TestBodies:
             error = zlib.error
             decompressobj = Counting
 
-        monkeypatch.setattr(intake_module, "zlib", CountingZlib)
+        monkeypatch.setattr(inflate_module, "zlib", CountingZlib)
         packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
         block = b"\0" * (1024 * KB)
         bomb = b"".join(packer.compress(block) for _ in range(50)) + packer.flush()
@@ -865,7 +866,7 @@ class TestOverload:
     """A full pipeline or a stopping relay answers 503 with Retry-After, so clients retry."""
 
     async def test_pipeline_full(self, relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
-        async def full(write_key: str, messages: Any, bodies: Any = None) -> Any:
+        async def full(write_key: str, messages: Any, items: Any, shared: Any = None) -> Any:
             raise Overloaded("pipeline is full")
 
         monkeypatch.setattr(relay.router, "accept", full)

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from router import segment
 from router.errors import Rejected
-from router.segment import Envelope, coerce_id, event_time, merge_envelope, parse_time, validate
+from router.journal import merge_shared, shared_part
+from router.segment import Envelope, coerce_id, event_time, parse_time, validate
 
 NOW = 1_700_000_000.0
 
@@ -233,6 +234,12 @@ class TestValidate:
                         "originalTimestamp": "2024-01-01T00:00:00Z"},
                        type_=None, received_at=NOW, sent_at="2024-01-01T00:01:00Z")
         assert out[segment.TIME_KEY] == NOW - 60
+
+
+def merge_envelope(item: Any, env: Envelope) -> Any:
+    """As intake does: the envelope's shared part merged into a (validated) item."""
+    shared = shared_part(env.context, env.integrations)
+    return merge_shared(item, shared) if shared and isinstance(item, dict) else item
 
 
 class TestMergeEnvelope:

@@ -97,7 +97,7 @@ class TestCalls:
         assert stack.sim.find_customer(PROJECT, cookie="anon-9") == customer
         history = [e["type"] for e in stack.sim.events_of(PROJECT, registered="user-9")]
         assert history == ["Viewed"]
-        directory = stack.router.directory
+        directory = stack.router.partition
         assert directory.index[(PROJECT, "r:user-9")] == directory.index[(PROJECT, "c:anon-9")]
 
     async def test_call_with_both_ids_merges_two_customers(self, stack: Stack) -> None:
@@ -108,7 +108,7 @@ class TestCalls:
         await stack.settle()
         history = sorted(e["type"] for e in stack.sim.events_of(PROJECT, registered="user-m"))
         assert history == ["A", "B", "C"]
-        directory = stack.router.directory
+        directory = stack.router.partition
         assert directory.index[(PROJECT, "r:user-m")] == directory.index[(PROJECT, "c:anon-m")]
 
 
