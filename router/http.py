@@ -1,4 +1,4 @@
-"""Serving ASGI apps on hypercorn's trio worker, shared by the intake and the simulator."""
+"""Serving ASGI apps on hypercorn's trio worker (the intake, until it moves to router.server)."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ so the router's retries and dead letters can be exercised.
     POST /_sim/reset
     POST /_sim/faults {...} | DELETE /_sim/faults
 
-It is a raw ASGI app so it runs on hypercorn's trio worker with no framework in
-the hot path; ``Simulator(record=False)`` only counts, for benchmarks.
+It is a ``router.server`` handler, served by the relay's own HTTP server with no
+framework in the hot path; ``Simulator(record=False)`` only counts, for benchmarks.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Literal
@@ -32,15 +32,14 @@ from urllib.parse import parse_qs
 import msgspec
 import trio
 
-from .http import parse_listen, serve_asgi
+from .errors import StartupError
+from .http import parse_listen
+from .server import Request, RequestHead, Response, Route, serve
 
 MAX_COMMANDS = 50
 DEFAULT_LISTEN = "127.0.0.1:8090"
 RATE_WINDOW = 60.0
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 Answer = tuple[int, Any, Headers]
 Dialect = Literal["legacy", "v2"]
@@ -51,7 +50,8 @@ _decode = msgspec.json.Decoder().decode
 _V2_PREFIX = "/track/v2/projects/"
 _V2_SUFFIX = "/batch"
 _ID_KINDS = ("registered", "cookie")
-_JSON = (b"content-type", b"application/json")
+# Far above any real tracking request: the relay posts at most MAX_COMMANDS commands.
+MAX_BODY_BYTES = 16 * 1024 * 1024
 # Shared result objects: answering a clean batch allocates nothing per command.
 _LEGACY_OK: dict[str, Any] = {"status": "ok"}
 _LEGACY_RETRY: dict[str, Any] = {"status": "retry"}
@@ -102,7 +102,7 @@ class Faults:
 
 
 class Simulator:
-    """An in-memory Infinario: an ASGI app, inspected and steered with the methods below."""
+    """An in-memory Infinario: an HTTP handler, inspected and steered with the methods below."""
 
     def __init__(
         self,
@@ -121,6 +121,7 @@ class Simulator:
         self.v2_auth = v2_auth
         self.rate_limit = rate_limit_per_minute
         self.max_commands = max_commands
+        self._read_all = Route(MAX_BODY_BYTES, self._handle)
         self.reset()
 
     # --- state -------------------------------------------------------------------------------
@@ -243,49 +244,33 @@ class Simulator:
         for action in actions:
             action()
 
-    # --- ASGI --------------------------------------------------------------------------------
+    # --- serving ---------------------------------------------------------------------------
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "lifespan":
-            await _lifespan(receive, send)
-        # Anything else (websocket) is not Infinario's API: returning refuses it.
+    def route(self, head: RequestHead) -> Route:
+        """Every endpoint reads its (small) body: answers are decided once it is in."""
+        return self._read_all
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        status, payload, headers = await self._route(scope, body)
-        raw = _encode(payload)
-        await send({"type": "http.response.start", "status": status, "headers": [
-            _JSON, (b"content-length", str(len(raw)).encode()), *headers]})
-        await send({"type": "http.response.body", "body": raw})
+    async def _handle(self, request: Request) -> Response:
+        status, payload, headers = await self._route(request.head, request.body)
+        return Response(status, _encode(payload), headers=headers)
 
-    async def _route(self, scope: Scope, body: bytes) -> Answer:
-        method: str = scope["method"]
-        path: str = scope["path"]
+    async def _route(self, head: RequestHead, body: bytes) -> Answer:
+        method = head.method
+        path = head.path
         if path == "/bulk":
             if method != "POST":
                 return _not_allowed(method, path, "POST")
-            return await self._track("legacy", path, "", scope, body)
+            return await self._track("legacy", path, "", head, body)
         if path.startswith(_V2_PREFIX) and path.endswith(_V2_SUFFIX):
             token = path[len(_V2_PREFIX):-len(_V2_SUFFIX)]
             if token and "/" not in token:
                 if method != "POST":
                     return _not_allowed(method, path, "POST")
-                return await self._track("v2", path, token, scope, body)
-        return self._control(method, path, scope, body)
+                return await self._track("v2", path, token, head, body)
+        return self._control(method, path, head, body)
 
-    def _control(self, method: str, path: str, scope: Scope, body: bytes) -> Answer:
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    def _control(self, method: str, path: str, head: RequestHead, body: bytes) -> Answer:
+        query = parse_qs(head.query)
         project = query["project"][-1] if "project" in query else None
         if path == "/":
             if method != "GET":
@@ -328,12 +313,12 @@ class Simulator:
 
     # --- tracking requests -------------------------------------------------------------------
 
-    async def _track(self, dialect: Dialect, path: str, token: str, scope: Scope,
+    async def _track(self, dialect: Dialect, path: str, token: str, head: RequestHead,
                      body: bytes) -> Answer:
         delay = self.faults.delay
         if delay > 0:
             await trio.sleep(delay)
-        status, payload, headers, commands = self._batch(dialect, token, scope, body)
+        status, payload, headers, commands = self._batch(dialect, token, head, body)
         self.counts["requests"] += 1
         self.statuses[status] += 1
         if self.record:
@@ -341,7 +326,7 @@ class Simulator:
                 {"path": path, "dialect": dialect, "commands": commands, "status": status})
         return status, payload, headers
 
-    def _batch(self, dialect: Dialect, token: str, scope: Scope, body: bytes
+    def _batch(self, dialect: Dialect, token: str, head: RequestHead, body: bytes
                ) -> tuple[int, Any, Headers, int]:
         """One tracking request: (status, answer, extra headers, commands in the body)."""
         try:
@@ -359,7 +344,7 @@ class Simulator:
         failed = self._request_fault()
         if failed is not None:
             return failed[0], failed[1], failed[2], count
-        if dialect == "v2" and not self._authenticated(token, scope):
+        if dialect == "v2" and not self._authenticated(token, head):
             return 400, _failure("Could not authenticate"), [], count
         if not isinstance(commands, list):
             return 400, _failure(problem or 'request body must be {"commands": [...]}'), [], count
@@ -394,13 +379,9 @@ class Simulator:
             headers.append((b"retry-after", f"{faults.retry_after:g}".encode()))
         return status, _failure("simulated failure"), headers
 
-    def _authenticated(self, token: str, scope: Scope) -> bool:
-        header: str | None = None
-        for name, value in scope["headers"]:
-            # ASGI servers hand header names over lower-cased.
-            if name == b"authorization":
-                header = value.decode("latin-1")
-                break
+    def _authenticated(self, token: str, head: RequestHead) -> bool:
+        raw = head.headers.get(b"authorization")
+        header = None if raw is None else raw.decode("latin-1")
         if header is None:
             return False
         if self.v2_auth is None:
@@ -717,17 +698,6 @@ def _fault_number(value: Any, name: str) -> float:
     return float(value)
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
-    # Nothing to set up or tear down; accepting both keeps servers from warning.
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
 # The rate-limit window follows wall-clock monotonic time rather than trio's
 # clock, which starts anew (at a random offset) in every trio.run.
 _clock = time.monotonic
@@ -751,7 +721,7 @@ async def run_simulator(
     *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``sim`` until cancelled; ``task_status`` gets its base URL."""
-    await serve_asgi(sim, host, port, task_status=task_status)
+    await serve(sim, host, port, task_status=task_status)
 
 
 def _seconds(value: str) -> float:
@@ -803,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(serve)
     except KeyboardInterrupt:
         pass
-    except (OSError, BaseExceptionGroup) as exc:
+    except (OSError, StartupError, BaseExceptionGroup) as exc:
         error = _os_error(exc)
         if error is None:
             raise
@@ -812,9 +782,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _os_error(exc: BaseException) -> OSError | None:
-    """The OSError (a port in use, a bad address) inside trio's nested exception groups."""
-    if isinstance(exc, OSError):
+def _os_error(exc: BaseException) -> OSError | StartupError | None:
+    """The listening error (a port in use, a bad address) inside trio's nested exception
+    groups."""
+    if isinstance(exc, OSError | StartupError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:

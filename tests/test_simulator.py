@@ -17,6 +17,7 @@ import trio
 from trio.testing import MockClock
 
 import router.simulator as simulator_module
+from router.server import Request, RequestHead
 from router.simulator import Simulator, main, run_simulator
 
 PROJECT = "proj"
@@ -40,32 +41,17 @@ async def call(
     query: str = "",
     raw: bytes | None = None,
 ) -> Reply:
-    """One HTTP request through the ASGI app in-process, the body sent in two chunks."""
+    """One HTTP request through the simulator's handler in-process, as the server makes it."""
     payload = raw if raw is not None else b"" if body is None else msgspec.json.encode(body)
-    half = len(payload) // 2
-    incoming = [
-        {"type": "http.request", "body": payload[:half], "more_body": True},
-        {"type": "http.request", "body": payload[half:], "more_body": False},
-    ]
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return incoming.pop(0)
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http", "method": method, "path": path,
-        "query_string": query.encode(),
-        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
-    }
-    await app(scope, receive, send)
-    start, end = sent
-    assert start["type"] == "http.response.start"
-    reply_headers = {k.decode(): v.decode() for k, v in start["headers"]}
-    assert int(reply_headers["content-length"]) == len(end["body"])
-    return Reply(start["status"], reply_headers, msgspec.json.decode(end["body"]))
+    head = RequestHead(method, path, query,
+                       {k.lower().encode(): v.encode() for k, v in (headers or {}).items()},
+                       "1.1")
+    route = app.route(head)
+    assert len(payload) <= route.limit
+    response = await route.call(Request(head, payload, trio.current_time()))
+    assert response.content_type == b"application/json"
+    reply_headers = {k.decode(): v.decode() for k, v in response.headers}
+    return Reply(response.status, reply_headers, msgspec.json.decode(response.body))
 
 
 def event(ids: dict[str, str], event_type: str = "page", *, project: str = PROJECT,
@@ -113,24 +99,6 @@ def only_error(reply: Reply) -> str:
     assert result["status"] == "error"
     [message] = result["errors"]
     return str(message)
-
-
-class TestLifespan:
-    """The app completes lifespan startup and shutdown, so servers run it without warnings."""
-
-    async def test_startup_and_shutdown_are_accepted(self) -> None:
-        incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            return incoming.pop(0)
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        await Simulator()({"type": "lifespan"}, receive, send)
-        assert [m["type"] for m in sent] == [
-            "lifespan.startup.complete", "lifespan.shutdown.complete"]
 
 
 class TestLegacyResults:
