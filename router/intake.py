@@ -96,9 +96,6 @@ def error_response(exc: Rejected, headers: list[tuple[bytes, bytes]] | None = No
     return json_response(exc.status, exc.body(), headers)
 
 
-_OK = Response(200, b'{"success":true}')
-
-
 class Intake:
     """The Segment endpoints and the operator endpoints, as a server handler."""
 
@@ -109,14 +106,13 @@ class Intake:
         self._routes: dict[str, Route] = {}
         for path, kind in SINGLE_PATHS.items():
             self._routes[path] = Route(segment.MAX_MESSAGE_BYTES,
-                                       partial(self._counted, self._single, kind))
+                                       partial(self._answer, self._single, kind))
         for path in BATCH_PATHS:
             self._routes[path] = Route(segment.MAX_REQUEST_BYTES,
-                                       partial(self._counted, self._batch, ""))
+                                       partial(self._answer, self._batch, ""))
 
-    def _count(self, response: Response) -> Response:
-        self.metrics.inc("requests_total", status=str(response.status))
-        return response
+    def answered(self, status: int) -> None:
+        self.metrics.inc("requests_total", status=str(status))
 
     def route(self, head: RequestHead) -> Route | Response:
         path = head.path.rstrip("/") or "/"
@@ -124,13 +120,13 @@ class Intake:
         route = self._routes.get(path)
         if route is not None:
             if method != "POST":
-                return self._count(json_response(
-                    405, {"code": "method_not_allowed", "message": f"use POST for {path}"}))
+                return json_response(
+                    405, {"code": "method_not_allowed", "message": f"use POST for {path}"})
             if not self.pipeline.accepting:
                 self.metrics.inc("overloaded_total", reason="shutting_down")
-                return self._count(json_response(
+                return json_response(
                     503, {"code": "unavailable", "message": "the relay is shutting down; retry"},
-                    [(b"retry-after", RETRY_AFTER)]))
+                    [(b"retry-after", RETRY_AFTER)])
             return route
         if path == "/health" and method in ("GET", "HEAD"):
             health = self.pipeline.health()
@@ -140,10 +136,9 @@ class Intake:
                             content_type=b"text/plain; version=0.0.4")
         if path == "/report" and method == "GET":
             return json_response(200, self.pipeline.report())
-        return self._count(json_response(
-            404, {"code": "not_found", "message": f"no endpoint {path}"}))
+        return json_response(404, {"code": "not_found", "message": f"no endpoint {path}"})
 
-    async def _counted(self, handle: Any, kind: str, request: Request) -> Response:
+    async def _answer(self, handle: Any, kind: str, request: Request) -> Response:
         try:
             response: Response = await handle(request, kind)
         except Rejected as exc:
@@ -153,7 +148,7 @@ class Intake:
             response = json_response(
                 503, {"code": "overloaded", "message": f"{exc.reason}; retry later"},
                 [(b"retry-after", RETRY_AFTER)])
-        return self._count(response)
+        return response
 
     async def _single(self, request: Request, kind: str) -> Response:
         pipeline = self.pipeline
@@ -168,7 +163,7 @@ class Intake:
             self.metrics.inc("messages_rejected_total", reason=exc.code)
             raise
         await pipeline.accept(write_key, [message], [_encode(message)])
-        return _OK
+        return Response(200, b'{"success":true}')
 
     async def _batch(self, request: Request, _kind: str) -> Response:
         pipeline = self.pipeline

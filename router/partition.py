@@ -50,6 +50,7 @@ from .customer import (
     turn,
 )
 from .identity import Changes, Identity, lookup_keys
+from .infinario import MAX_COMMANDS
 from .journal import Journaled
 from .mapping import EventPolicy, LimitExceeded, Limits, Schema
 from .metrics import Metrics
@@ -480,13 +481,15 @@ class Partition:
             if lane_commands is None:
                 lane_commands = by_lane[command.customer % lanes] = []
             lane_commands.append(command)
-        if by_lane:
-            seq = self.outbox_seq.take(len(by_lane))
-            for lane, commands in by_lane.items():
-                body = outbox.encode_body(map(_json_encode, commands))
+        for lane, commands in by_lane.items():
+            # A row is at most one request's worth: what a lane holds in memory is
+            # then bounded in commands, whatever the size of the round.
+            for start in range(0, len(commands), MAX_COMMANDS):
+                chunk = commands[start:start + MAX_COMMANDS]
+                body = outbox.encode_body(map(_json_encode, chunk))
+                seq = self.outbox_seq.take()
                 records.append((seq, lane, body, now))
-                rows.append(OutboxRow(seq, lane, commands, now, len(body)))
-                seq += 1
+                rows.append(OutboxRow(seq, lane, chunk, now, len(body)))
         refused = [
             (now, project, customer, origin, _json_encode([f"{code}: {reason}"]).decode(),
              now, now)

@@ -46,7 +46,9 @@ DEFAULT_LANE_WINDOW = 500
 DEFAULT_LINGER = 0.05
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 30.0
-LANE_CHANNEL_ROWS = 16
+# Rows waiting for a busy lane in its channel, each at most one request's worth:
+# a lane holds at most its window plus these in memory; past them, rows wait on disk.
+LANE_CHANNEL_ROWS = 4
 REPLAY_INTERVAL = 2.0
 _json_encode = msgspec.json.Encoder().encode
 
@@ -127,6 +129,7 @@ class Lane:
     # Rows handed to the channel and not yet taken (a waiting receiver gets a row
     # straight from send_nowait, so the channel's own buffer can look empty).
     queued: int = 0
+    queued_commands: int = 0
     busy: bool = False
     failures: int = 0
 
@@ -217,6 +220,7 @@ class Sender:
             try:
                 lane.send.send_nowait(row)
                 lane.queued += 1
+                lane.queued_commands += row.remaining
                 return
             except trio.WouldBlock:
                 lane.backlog_on_disk = True
@@ -225,7 +229,7 @@ class Sender:
     @property
     def pending(self) -> int:
         """Commands held in memory, not yet final."""
-        return sum(lane.pending for lane in self.lanes)
+        return sum(lane.pending + lane.queued_commands for lane in self.lanes)
 
     def idle(self) -> bool:
         return not self._answers and not self._retiring and all(
@@ -278,6 +282,7 @@ class Sender:
 
     def _received(self, lane: Lane, row: OutboxRow) -> None:
         lane.queued -= 1
+        lane.queued_commands -= row.remaining
         self._hold(lane, row)
 
     def _hold(self, lane: Lane, row: OutboxRow) -> None:

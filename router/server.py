@@ -42,6 +42,10 @@ RECV_BYTES = 65536
 # so the connection can serve the next request; past it the connection closes.
 DRAIN_BYTES = 1024 * 1024
 DRAIN_SECONDS = 5.0
+# After answering and deciding to close, what is still arriving is read and
+# dropped for this long (or this much) so the answer is not lost to a reset.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 8 * 1024 * 1024
 # How long a connection refused at the cap may take to get its 503.
 REFUSE_SECONDS = 1.0
 # Out of descriptors: accepting again at once would spin.
@@ -95,6 +99,9 @@ class Handler(Protocol):
     def route(self, head: RequestHead) -> Route | Response:
         """Called when the headers are complete. A Response is sent at once without
         reading the body; a Route says how much body to read and who handles it."""
+
+    def answered(self, status: int) -> None:
+        """Called for every answer sent, the server's own errors included (metrics)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -288,7 +295,10 @@ class Server:
 
     async def _connection(self, sock: socket.socket) -> None:
         try:
-            await _Connection(self, sock).run()
+            connection = _Connection(self, sock)
+            await connection.run()
+            if connection.closing:
+                await _linger(sock)
         except OSError:
             pass  # reset or gone: nothing to answer
         finally:
@@ -347,6 +357,28 @@ async def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def _linger(sock: socket.socket) -> None:
+    """Close gently after an answer the client may still be sending a body to.
+
+    Closing a socket with unread data makes the kernel send a reset, which can
+    destroy the answer before the client reads it. So: end our side, then read
+    and discard what is still coming for a short while, then close.
+    """
+    sock.shutdown(socket.SHUT_WR)
+    discarded = 0
+    with trio.move_on_after(LINGER_SECONDS):
+        while discarded <= LINGER_BYTES:
+            try:
+                data = sock.recv(RECV_BYTES)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            if not data:
+                return
+            discarded += len(data)
+            await trio.lowlevel.checkpoint()
+
+
 async def _refuse(sock: socket.socket) -> None:
     """The canned 503 for a connection past the cap, then close (never a hang)."""
     try:
@@ -370,10 +402,37 @@ class _Connection:
     """One client connection: the httptools protocol (callbacks) and its serving loop."""
 
     __slots__ = (
-        "body_deadline", "body_seen", "discarded", "drain_deadline", "expect_continue",
-        "fed", "handler", "head", "head_bytes", "head_mark", "head_only", "head_started",
-        "headers", "http10", "in_body", "in_head", "inflater", "keep", "limit", "limits",
-        "now", "parser", "parts", "raw", "raw_cap", "ready", "route", "server", "sock", "url",
+        "body_deadline",
+        "body_seen",
+        "closing",
+        "discarded",
+        "drain_deadline",
+        "expect_continue",
+        "fed",
+        "handler",
+        "head",
+        "head_bytes",
+        "head_mark",
+        "head_only",
+        "head_started",
+        "headers",
+        "http10",
+        "in_body",
+        "in_head",
+        "inflater",
+        "keep",
+        "limit",
+        "limits",
+        "now",
+        "parser",
+        "parts",
+        "raw",
+        "raw_cap",
+        "ready",
+        "route",
+        "server",
+        "sock",
+        "url",
     )
 
     def __init__(self, server: Server, sock: socket.socket) -> None:
@@ -381,6 +440,7 @@ class _Connection:
         self.handler = server.handler
         self.limits = server.limits
         self.sock = sock
+        self.closing = False  # an answer ended the connection: close gently
         self.parser = httptools.HttpRequestParser(self)
         self.ready: deque[_Entry] = deque()
         self.now = trio.current_time()
@@ -566,9 +626,11 @@ class _Connection:
                         server.log_handler_error(request.head.path)
                         response = _INTERNAL_ERROR
                 keep = keep and not response.close
+                self.handler.answered(response.status)
                 if not await self._send(render(response, keep, head_only, http10)):
                     return
                 if not keep:
+                    self.closing = True
                     return
             if self.in_body:
                 if self.route is not None:
@@ -635,6 +697,7 @@ class _Connection:
                              "the request did not arrive in time; send it faster",
                              close=True)
             data = render(response, False, False, self.http10)
+            self.handler.answered(response.status)
             try:
                 self.sock.send(data)
             except OSError:

@@ -246,6 +246,9 @@ class Simulator:
 
     # --- serving ---------------------------------------------------------------------------
 
+    def answered(self, status: int) -> None:
+        """The simulator keeps its own counts (``stats``)."""
+
     def route(self, head: RequestHead) -> Route:
         """Every endpoint reads its (small) body: answers are decided once it is in."""
         return self._read_all

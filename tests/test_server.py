@@ -41,6 +41,10 @@ class Echo:
     heads: list[RequestHead] = field(default_factory=list)
     active: int = 0
     most_active: int = 0
+    statuses: list[int] = field(default_factory=list)
+
+    def answered(self, status: int) -> None:
+        self.statuses.append(status)
 
     def route(self, head: RequestHead) -> Route | Response:
         self.heads.append(head)
