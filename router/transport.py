@@ -58,11 +58,10 @@ class _Connection:
 
     def dropped(self) -> bool:
         """True when an idle connection is readable: the server closed it or sent junk."""
-        try:
-            readable, _, _ = select.select([self.socket.fileno()], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
+        # poll, not select: a busy relay's descriptors run past select's 1024.
+        poller = select.poll()
+        poller.register(self.socket.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
 
 class _Response:
@@ -191,7 +190,7 @@ class Transport(httpx.AsyncBaseTransport):
             body = request.content
         except httpx.RequestNotRead:
             body = await request.aread()
-        data = self._head(request, body) + body if body else self._head(request, body)
+        data = self._head(request, body) + body
         head_only = request.method == "HEAD"
 
         conn = await self._acquire(key, timeouts.get("pool"), request)
@@ -242,6 +241,11 @@ class Transport(httpx.AsyncBaseTransport):
         lines = [b"%s %s HTTP/1.1" % (request.method.encode("ascii"), target)]
         has_host = has_length = False
         for name, value in request.headers.raw:
+            if b"\n" in value or b"\r" in value:
+                # A line break would end the header early and smuggle in another.
+                raise httpx.LocalProtocolError(
+                    f"header {name.decode('latin-1')} has a line break in its value",
+                    request=request)
             lower = name.lower()
             if lower == b"host":
                 has_host = True
@@ -386,7 +390,7 @@ class Transport(httpx.AsyncBaseTransport):
         """Close an idle connection and give up its slot."""
         conn.close()
         self._all.discard(conn)
-        self._open -= 1
+        self._release()
 
     def _release(self) -> None:
         self._open -= 1
@@ -414,6 +418,8 @@ class Transport(httpx.AsyncBaseTransport):
     async def _connect(
         self, key: _Key, limit: float | None, request: httpx.Request
     ) -> _Connection:
+        if self._closed:
+            raise RuntimeError("the transport was closed while this request was sent")
         scheme, host, port = key
         if self.proxy is not None:
             where = f"proxy {self.proxy.host}:{self.proxy.port or 80}"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -414,11 +416,30 @@ class TestTimeoutsAndErrors:
                 with pytest.raises(httpx.ConnectError):
                     await call(transport, f"http://{HOST}:{port}/", pool=0.1)
 
-    async def test_every_failure_is_an_http_error(self) -> None:
-        for error in (httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout,
-                      httpx.PoolTimeout, httpx.ConnectError, httpx.ReadError,
-                      httpx.WriteError, httpx.RemoteProtocolError, httpx.ProxyError):
-            assert issubclass(error, httpx.HTTPError)
+    async def test_reset_connection_is_a_read_error(self) -> None:
+        async def reset(stream: trio.SocketStream) -> None:
+            if await Reader(stream).request(1) is not None:
+                # Linger 0: closing sends a reset instead of a clean end.
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                         struct.pack("ii", 1, 0))
+            stream.socket.close()
+
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, reset, 0, host=HOST))
+            port = listeners[0].socket.getsockname()[1]
+            async with Transport() as transport:
+                with pytest.raises(httpx.ReadError, match="could not read the answer"):
+                    await call(transport, f"http://{HOST}:{port}/")
+                assert transport.connections == 0
+            nursery.cancel_scope.cancel()
+
+    async def test_line_break_in_a_header_is_refused(self) -> None:
+        async with serving(Server()) as server, Transport() as transport:
+            request = httpx.Request("POST", server.url, headers={"x-token": "a\r\nEvil: 1"},
+                                    content=b"{}")
+            with pytest.raises(httpx.LocalProtocolError, match="x-token"):
+                await transport.handle_async_request(request)
+            assert server.requests == []
 
     async def test_unsupported_scheme(self) -> None:
         async with Transport() as transport:
