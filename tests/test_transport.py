@@ -98,8 +98,15 @@ class Server:
     closed: int = 0  # connections the client closed (EOF while waiting for a request)
     client_closed: trio.Event = field(default_factory=trio.Event)
     requests: list[Request] = field(default_factory=list)
+    alpn: list[str | None] = field(default_factory=list)  # per TLS connection
 
     async def handle(self, stream: trio.abc.Stream) -> None:
+        if isinstance(stream, trio.SSLStream):
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError:
+                return  # the client refused the certificate
+            self.alpn.append(stream.selected_alpn_protocol())
         self.connections += 1
         number = self.connections
         self.open_now += 1
@@ -160,6 +167,7 @@ def ca() -> trustme.CA:
 def server_tls(ca: trustme.CA) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(HOST, "localhost").configure_cert(context)
+    context.set_alpn_protocols(["h2", "http/1.1"])
     return context
 
 
@@ -489,6 +497,7 @@ class TestTLS:
                 response = await call(transport, server.url + "/secure")
                 assert response.content == b"answer to /secure"
             assert server.connections == 1
+            assert server.alpn == ["http/1.1"]
 
     async def test_untrusted_certificate_fails_to_connect(
             self, server_tls: ssl.SSLContext) -> None:
