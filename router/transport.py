@@ -203,7 +203,7 @@ class Transport(httpx.AsyncBaseTransport):
                 conn.close()
                 self._all.discard(conn)
                 if not conn.reused:
-                    raise stale.error from None
+                    raise stale.error from stale.__cause__
                 # The server closed the kept-alive connection as we sent on it:
                 # nothing of this request was answered, so send it once more on a
                 # fresh connection in the same slot.
@@ -211,7 +211,7 @@ class Transport(httpx.AsyncBaseTransport):
                 try:
                     answer = await self._exchange(conn, data, head_only, timeouts, request)
                 except _Stale as again:
-                    raise again.error from None
+                    raise again.error from again.__cause__
         except BaseException:
             # Cancelled or failed half-way: the connection may hold half a
             # request or response, so it is never reused.
