@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,7 +18,11 @@ import pytest
 import trio
 import trustme
 
+from router import open_router
+from router.simulator import Simulator, run_simulator
 from router.transport import Transport, infinario_transport
+
+from .conftest import WRITE_KEY, relay_config
 
 HOST = "127.0.0.1"
 TIMEOUT = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0}
@@ -641,15 +646,17 @@ class TestThroughClient:
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
+@pytest.fixture
+def no_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.delenv("REQUEST_METHOD", raising=False)  # urllib ignores HTTP_PROXY under CGI
+
+
+@pytest.mark.usefixtures("no_proxy_variables")
 class TestProxySelection:
     """infinario_transport picks the proxy from the environment as HTTP clients do."""
-
-    @pytest.fixture(autouse=True)
-    def clean(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        for name in PROXY_VARIABLES:
-            monkeypatch.delenv(name, raising=False)
-            monkeypatch.delenv(name.upper(), raising=False)
-        monkeypatch.delenv("REQUEST_METHOD", raising=False)
 
     def test_no_variables_no_proxy(self) -> None:
         transport = infinario_transport("https://api.infinario.com", max_connections=4)
@@ -682,3 +689,29 @@ class TestProxySelection:
         transport = infinario_transport("https://api.infinario.com", max_connections=8)
         assert transport.proxy is not None and transport.proxy.host == "proxy.corp"
         assert transport._proxy_auth == BASIC.encode()
+
+
+@pytest.mark.usefixtures("no_proxy_variables")
+class TestWithRelay:
+    """The relay delivers to the simulator through this transport, wired as the app will be."""
+
+    async def test_relay_delivers_through_the_transport(self, tmp_path: Path) -> None:
+        sim = Simulator()
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(run_simulator, sim, HOST, 0)
+            config = relay_config(tmp_path / "data", infinario_url=url, concurrency=2)
+            transport = infinario_transport(url, max_connections=config.concurrency)
+            async with transport, open_router(config, http=True, transport=transport) as router:
+                batch = [{"type": "track", "event": f"Event {i}", "userId": f"u{i % 3}",
+                          "messageId": f"m{i}"} for i in range(120)]
+                assert router.url is not None
+                async with httpx.AsyncClient(transport=Transport(), timeout=5.0) as client:
+                    answer = await client.post(f"{router.url}/v1/batch", json={"batch": batch},
+                                               auth=(WRITE_KEY, ""))
+                    assert answer.status_code == 200, answer.text
+                with trio.fail_after(10):
+                    await router.drain()
+                assert 1 <= transport.connections <= 2
+            nursery.cancel_scope.cancel()
+        assert sorted(e["type"] for e in sim.events) == sorted(f"Event {i}" for i in range(120))
+        assert {r["status"] for r in sim.requests} == {200}
