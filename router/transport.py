@@ -58,11 +58,10 @@ class _Connection:
 
     def dropped(self) -> bool:
         """True when an idle connection is readable: the server closed it or sent junk."""
-        try:
-            readable, _, _ = select.select([self.socket.fileno()], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
+        # poll, not select: a busy relay's descriptors run past select's 1024.
+        poller = select.poll()
+        poller.register(self.socket.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
 
 class _Response:
@@ -191,7 +190,7 @@ class Transport(httpx.AsyncBaseTransport):
             body = request.content
         except httpx.RequestNotRead:
             body = await request.aread()
-        data = self._head(request, body) + body if body else self._head(request, body)
+        data = self._head(request, body) + body
         head_only = request.method == "HEAD"
 
         conn = await self._acquire(key, timeouts.get("pool"), request)
@@ -204,7 +203,7 @@ class Transport(httpx.AsyncBaseTransport):
                 conn.close()
                 self._all.discard(conn)
                 if not conn.reused:
-                    raise stale.error from None
+                    raise stale.error from stale.__cause__
                 # The server closed the kept-alive connection as we sent on it:
                 # nothing of this request was answered, so send it once more on a
                 # fresh connection in the same slot.
@@ -212,7 +211,7 @@ class Transport(httpx.AsyncBaseTransport):
                 try:
                     answer = await self._exchange(conn, data, head_only, timeouts, request)
                 except _Stale as again:
-                    raise again.error from None
+                    raise again.error from again.__cause__
         except BaseException:
             # Cancelled or failed half-way: the connection may hold half a
             # request or response, so it is never reused.
@@ -242,6 +241,11 @@ class Transport(httpx.AsyncBaseTransport):
         lines = [b"%s %s HTTP/1.1" % (request.method.encode("ascii"), target)]
         has_host = has_length = False
         for name, value in request.headers.raw:
+            if b"\n" in value or b"\r" in value:
+                # A line break would end the header early and smuggle in another.
+                raise httpx.LocalProtocolError(
+                    f"header {name.decode('latin-1')} has a line break in its value",
+                    request=request)
             lower = name.lower()
             if lower == b"host":
                 has_host = True
@@ -386,7 +390,7 @@ class Transport(httpx.AsyncBaseTransport):
         """Close an idle connection and give up its slot."""
         conn.close()
         self._all.discard(conn)
-        self._open -= 1
+        self._release()
 
     def _release(self) -> None:
         self._open -= 1
@@ -414,6 +418,8 @@ class Transport(httpx.AsyncBaseTransport):
     async def _connect(
         self, key: _Key, limit: float | None, request: httpx.Request
     ) -> _Connection:
+        if self._closed:
+            raise RuntimeError("the transport was closed while this request was sent")
         scheme, host, port = key
         if self.proxy is not None:
             where = f"proxy {self.proxy.host}:{self.proxy.port or 80}"
@@ -535,7 +541,8 @@ def _proxy_url(proxy: str | httpx.URL) -> httpx.URL:
 
 
 def _redacted(url: httpx.URL) -> str:
-    return str(url.copy_with(password="***")) if url.password else str(url)
+    """The URL without its credentials, for error messages."""
+    return str(url.copy_with(userinfo=b"")) if url.userinfo else str(url)
 
 
 def infinario_transport(url: str, *, max_connections: int) -> Transport:
