@@ -155,9 +155,9 @@ def fingerprint(secret: str) -> str:
     """A short stable stand-in for a secret: enough of its start to tell two apart.
 
     At most a third of the value (and never more than 4 characters) is shown,
-    so a short secret is not mostly given away.
+    and nothing of one shorter than 6, so a short secret is not given away.
     """
-    shown = min(4, len(secret) // 3)
+    shown = 0 if len(secret) < 6 else min(4, len(secret) // 3)
     return secret[:shown] + "…"
 
 
