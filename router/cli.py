@@ -1,4 +1,4 @@
-"""``infinario-router``: serve the relay, run the simulator, manage dead letters."""
+"""``infinario-router``: serve the relay, run the simulator, manage dead letters, explain."""
 
 from __future__ import annotations
 
@@ -128,6 +128,20 @@ def _dead_parser(sub: Any) -> None:
         _data_dir_flags(a, nested=True)
 
 
+def _explain_parser(sub: Any) -> None:
+    from .explain import DESCRIPTION
+
+    p = sub.add_parser("explain", help="show what Segment messages would become in Infinario",
+                       description=DESCRIPTION)
+    p.add_argument("file", nargs="?", default="-", metavar="FILE|-",
+                   help="a message, a JSON array of messages or a batch body (- or none: stdin)")
+    p.add_argument("--config", type=Path, help="TOML file for renames and limits "
+                   "(or ROUTER_CONFIG)")
+    p.add_argument("--json", action="store_true", help="one JSON object per message")
+    p.add_argument("--session-timeout", help="seconds of inactivity that end a session (1200)")
+    _limit_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ShortParser(
         prog=PROG,
@@ -137,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
     _dead_parser(sub)
+    _explain_parser(sub)
     # Its options belong to the simulator's own parser; ``main`` hands them over.
     sub.add_parser("simulator", help="run the built-in Infinario simulator alone "
                    "(see simulator --help)", add_help=False)
@@ -174,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .deadletters import run as run_dead_letters
 
             return run_dead_letters(args, data_dir)
+        if args.command == "explain":
+            from .explain import run as run_explain
+
+            return run_explain(args, load_config(args))
     except RouterError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
