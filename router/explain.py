@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +210,34 @@ def _sanitized(key: str) -> str:
 
 # --- input -----------------------------------------------------------------------------------
 
+# Deeper than this, input is refused before the JSON decoder sees it. msgspec
+# guards its recursion with the interpreter's C stack limit, which differs
+# between Python versions (3.13 raised it), so whether it fails on a deep
+# document depends on the interpreter; this bound is far below all of them.
+PARSE_DEPTH = 500
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def json_depth_exceeds(data: bytes, limit: int = PARSE_DEPTH) -> bool:
+    """True when arrays and objects in ``data`` nest deeper than ``limit``.
+
+    A scan of the bytes, without recursion: brackets inside strings do not
+    count. Counting brackets first (in C) spares ordinary payloads the scan.
+    """
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    depth = 0
+    for match in _BRACKET.finditer(_STRING.sub(b'""', data)):
+        if match.group() in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
 
 def read_input(source: str) -> bytes:
     if source == "-":
@@ -223,6 +252,8 @@ def parse_input(data: bytes) -> tuple[list[tuple[Any, Any]], bool]:
     """``[(message, sent_at)]`` and whether the input was a single message."""
     if not data.strip():
         raise BadInput("explain: the input is empty; give a message, an array or a batch body")
+    if json_depth_exceeds(data):
+        raise BadInput(f"explain: JSON nests deeper than {PARSE_DEPTH} levels")
     try:
         value = decode_json(data)
     except Rejected as exc:
