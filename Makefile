@@ -6,8 +6,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck bench bench-quick clean
 
+# The stamp is written only after a complete install and removed before a new
+# one starts, so a venv without it was left half-installed and is rebuilt from
+# scratch, as is one whose interpreter no longer runs (a removed Python).
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@if [ -e $(VENV) ] && { [ ! -e $(STAMP) ] || ! $(BIN)/python -c '' >/dev/null 2>&1; }; then \
+		echo "removing $(VENV): its last install did not finish or its python is broken"; \
+		rm -rf $(VENV); \
+	fi
+	rm -f $(STAMP)
+	test -e $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)

@@ -1,36 +1,68 @@
-"""``infinario-router``: serve the relay, run the simulator, manage dead letters."""
+"""``infinario-router``: serve the relay, run the simulator, manage dead letters, explain."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import os
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
 from . import config as cfg
 from .errors import ConfigError, RouterError
 
+PROG = "infinario-router"
 DEFAULT_SIMULATOR_LISTEN = "127.0.0.1:8090"
 # Young collections every 50,000 allocations instead of 700; older ones rarer too.
 GC_THRESHOLDS = (50_000, 20, 100)
+# Socket errors that mean "this address cannot be listened on", not a broken data dir.
+_LISTEN_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+class ShortParser(argparse.ArgumentParser):
+    """A parser whose usage errors are one line and exit 2, like every other refusal.
+
+    argparse prints the whole usage before the error; for a command with thirty
+    flags that buries the one line that matters. ``--help`` still shows it all.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        name = PROG if self.prog.startswith(PROG) else self.prog
+        self.exit(2, f"{name}: {message} (see {self.prog} --help)\n")
+
+
+def version() -> str:
+    """The installed distribution's version, or the package's own in a bare checkout."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("infinario-router")
+    except metadata.PackageNotFoundError:
+        import router
+
+        return str(getattr(router, "__version__", "unknown"))
 
 
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the relay",
                        description="Run the relay. Every flag is also ROUTER_<FLAG> in the "
                        "environment and a key of the --config TOML file.")
-    p.add_argument("--config", type=Path, help="TOML file with settings")
+    p.add_argument("--config", type=Path,
+                   help="TOML file with settings (or ROUTER_CONFIG)")
     p.add_argument("--listen", help=f"HOST:PORT for the Segment intake ({cfg.DEFAULT_LISTEN})")
     p.add_argument("--infinario-url", help=f"Infinario base URL ({cfg.DEFAULT_INFINARIO_URL})")
-    p.add_argument("--api", choices=["legacy", "v2"], help="Infinario tracking API dialect")
+    p.add_argument("--api", metavar="legacy|v2", help="Infinario tracking API dialect (legacy)")
     p.add_argument("--write-key", action="append", metavar="KEY=PROJECT_TOKEN",
                    help="map a Segment write key to an Infinario project token (repeatable)")
+    p.add_argument("--write-key-file", metavar="PATH",
+                   help="file of KEY=PROJECT_TOKEN lines (# comments and blank lines ignored)")
     p.add_argument("--session-timeout", help="seconds of inactivity that end a session (1200)")
     p.add_argument("--data-dir", help="journal and state directory (./var)")
     p.add_argument("--concurrency", help="most requests in flight to Infinario (8)")
@@ -42,6 +74,23 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--spool-cap", help="disk cap for undelivered data, e.g. 2GiB; past it intake "
                    "answers 503")
     p.add_argument("--rate-limit", help="requests per minute to Infinario (v2: 6000; 0: none)")
+    _limit_flags(p)
+    p.add_argument("--grace", help="seconds to drain on SIGTERM (10)")
+    p.add_argument("--request-timeout", help="seconds to wait for Infinario (15)")
+    p.add_argument("--log-format", metavar="json|console", help="log format (json)")
+    p.add_argument("--log-level", help="debug, info, warning or error (info)")
+    p.add_argument("--active-customers", help="customers kept in memory (100000)")
+    p.add_argument("--lane-window", help="commands each sender lane keeps in memory (500)")
+    p.add_argument("--linger", help="seconds a lane waits to fill a request (0.05)")
+    p.add_argument("--simulate", action="store_const", const=True,
+                   help="run the built-in Infinario simulator and deliver to it")
+    p.add_argument("--simulator-listen",
+                   help="HOST:PORT for the simulator with --simulate "
+                   f"(or ROUTER_SIMULATOR_LISTEN; {DEFAULT_SIMULATOR_LISTEN})")
+
+
+def _limit_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that shape what a message becomes: shared by ``serve`` and ``explain``."""
     p.add_argument("--max-customer-keys", help="distinct customer property keys per project (255)")
     p.add_argument("--max-event-keys", help="distinct property keys per event type (255)")
     p.add_argument("--max-event-types", help="distinct event types per project (255)")
@@ -49,70 +98,103 @@ def _serve_parser(sub: Any) -> None:
                    help="rename an event type, e.g. 'Order Completed=hard_purchase'")
     p.add_argument("--allow-campaign", action="store_const", const=True,
                    help="allow tracking the reserved 'campaign' event type")
-    p.add_argument("--grace", help="seconds to drain on SIGTERM (10)")
-    p.add_argument("--request-timeout", help="seconds to wait for Infinario (15)")
-    p.add_argument("--log-format", choices=["json", "console"], help="log format (json)")
-    p.add_argument("--log-level", help="debug, info, warning or error (info)")
-    p.add_argument("--active-customers", help="customers kept in memory (100000)")
-    p.add_argument("--lane-window", help="commands each sender lane keeps in memory (500)")
-    p.add_argument("--linger", help="seconds a lane waits to fill a request (0.05)")
-    p.add_argument("--simulate", action="store_const", const=True,
-                   help="run the built-in Infinario simulator and deliver to it")
-    p.add_argument("--simulator-listen", default=DEFAULT_SIMULATOR_LISTEN,
-                   help=f"HOST:PORT for the simulator with --simulate ({DEFAULT_SIMULATOR_LISTEN})")
+
+
+def _data_dir_flags(p: argparse.ArgumentParser, *, nested: bool) -> None:
+    # On the actions, a flag that was not given must not overwrite the same flag
+    # given before the action: SUPPRESS leaves the attribute alone.
+    default = argparse.SUPPRESS if nested else None
+    p.add_argument("--data-dir", type=Path, default=default,
+                   help="the relay's data dir (ROUTER_DATA_DIR, the config's data_dir, ./var)")
+    p.add_argument("--config", type=Path, default=default,
+                   help="TOML file with settings, for data_dir (or ROUTER_CONFIG)")
 
 
 def _dead_parser(sub: Any) -> None:
     p = sub.add_parser("dead-letters", help="list, show, replay or purge dead letters")
-    p.add_argument("--data-dir", type=Path, help="the relay's data dir (./var)")
-    p.add_argument("--config", type=Path, help="TOML file with settings (for data_dir)")
+    _data_dir_flags(p, nested=False)
     actions = p.add_subparsers(dest="action", required=True)
     ls = actions.add_parser("list", help="one line per dead letter")
     ls.add_argument("--limit", type=int, default=100)
     show = actions.add_parser("show", help="everything about one dead letter")
     show.add_argument("id", type=int)
+    _data_dir_flags(ls, nested=True)
+    _data_dir_flags(show, nested=True)
     for name, text in (("replay", "send again through the normal path"),
                        ("purge", "delete for good")):
         a = actions.add_parser(name, help=text)
         a.add_argument("ids", type=int, nargs="*")
         a.add_argument("--all", action="store_true", help="every dead letter")
+        _data_dir_flags(a, nested=True)
+
+
+def _explain_parser(sub: Any) -> None:
+    from .explain import DESCRIPTION
+
+    p = sub.add_parser("explain", help="show what Segment messages would become in Infinario",
+                       description=DESCRIPTION)
+    p.add_argument("file", nargs="?", default="-", metavar="FILE|-",
+                   help="a message, a JSON array of messages or a batch body (- or none: stdin)")
+    p.add_argument("--config", type=Path, help="TOML file for renames and limits "
+                   "(or ROUTER_CONFIG)")
+    p.add_argument("--json", action="store_true", help="one JSON object per message")
+    p.add_argument("--session-timeout", help="seconds of inactivity that end a session (1200)")
+    _limit_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="infinario-router",
+    parser = ShortParser(
+        prog=PROG,
         description="Relay Segment-spec analytics calls to Infinario (Bloomreach Engagement).",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
     _dead_parser(sub)
-    sim = sub.add_parser("simulator", help="run the built-in Infinario simulator alone")
-    sim.add_argument("args", nargs=argparse.REMAINDER)
+    _explain_parser(sub)
+    # Its options belong to the simulator's own parser; ``main`` hands them over.
+    sub.add_parser("simulator", help="run the built-in Infinario simulator alone "
+                   "(see simulator --help)", add_help=False)
     return parser
 
 
-def load_config(args: argparse.Namespace, env: Any = None) -> cfg.Config:
-    toml = cfg.read_toml(args.config) if getattr(args, "config", None) else None
+def load_config(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> cfg.Config:
+    env = os.environ if env is None else env
+    path = cfg.config_path(getattr(args, "config", None), env)
+    toml = cfg.read_toml(path) if path else None
     flags = {name: getattr(args, name, None) for name in cfg.SETTINGS}
-    return cfg.load(toml=toml, env=os.environ if env is None else env, flags=flags)
+    return cfg.load(toml=toml, env=env, flags=flags)
+
+
+def data_dir(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Path:
+    """``--data-dir``, else ``ROUTER_DATA_DIR``, else the config file's, else ``./var``."""
+    env = os.environ if env is None else env
+    path = cfg.config_path(getattr(args, "config", None), env)
+    toml = cfg.read_toml(path) if path else None
+    return cfg.load_data_dir(toml=toml, env=env,
+                             flags={"data_dir": getattr(args, "data_dir", None)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulator"]:
+        from .simulator import main as simulator_main
+
+        return simulator_main(argv[1:], prog=f"{PROG} simulator")
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
         if args.command == "dead-letters":
             from .deadletters import run as run_dead_letters
 
-            return run_dead_letters(args, load_config)
-        if args.command == "simulator":
-            from .simulator import main as simulator_main
+            return run_dead_letters(args, data_dir)
+        if args.command == "explain":
+            from .explain import run as run_explain
 
-            return simulator_main(args.args)
+            return run_explain(args, load_config(args))
     except RouterError as exc:
-        print(f"infinario-router: {exc}", file=sys.stderr)
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     raise AssertionError(args.command)
 
@@ -122,11 +204,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     logs.configure(config.log_level, config.log_format)
+    simulator_listen = (args.simulator_listen or os.environ.get("ROUTER_SIMULATOR_LISTEN")
+                        or DEFAULT_SIMULATOR_LISTEN)
     if config.simulate:
         from .http import parse_listen
 
         try:
-            parse_listen(args.simulator_listen)
+            parse_listen(simulator_listen)
         except ValueError as exc:
             raise ConfigError(f"simulator-listen: {exc}") from None
         if not config.write_keys:
@@ -134,10 +218,50 @@ def _serve(args: argparse.Namespace) -> int:
             config = config.with_(write_keys={"demo": "demo-project"})
     tune_gc()
     try:
-        trio.run(partial(_run, config, args.simulator_listen))
+        trio.run(partial(_run, config, simulator_listen))
     except KeyboardInterrupt:
         pass
+    except BaseExceptionGroup as group:
+        raise startup_error(group, config) from None
+    except OSError as exc:
+        error = startup_error(exc, config)
+        if error is None:
+            raise
+        raise error from None
     return 0
+
+
+def startup_error(exc: BaseException, config: cfg.Config) -> RouterError:
+    """The one-line error for a failure out of the relay's start, however trio nested it.
+
+    A group whose leaves are all the router's own errors (or sockets that could
+    not listen) becomes its first such error; anything else is a bug and is
+    raised again, traceback and all.
+    """
+    leaves = list(_leaves(exc))
+    errors = [_as_router_error(leaf, config) for leaf in leaves]
+    if not leaves or any(error is None for error in errors):
+        raise exc
+    first = errors[0]
+    assert first is not None
+    return first
+
+
+def _leaves(exc: BaseException) -> Any:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _as_router_error(exc: BaseException, config: cfg.Config) -> RouterError | None:
+    if isinstance(exc, RouterError):
+        return exc
+    if isinstance(exc, socket.gaierror) or (
+            isinstance(exc, OSError) and exc.errno in _LISTEN_ERRNOS):
+        return ConfigError(f"listen: cannot listen on {config.listen}: {exc.strerror or exc}")
+    return None
 
 
 def tune_gc() -> None:
@@ -159,13 +283,23 @@ async def _run(config: cfg.Config, simulator_listen: str) -> None:
     if not config.simulate:
         await serve(config)
         return
+    import structlog
+
     from .http import parse_listen
     from .simulator import Simulator, run_simulator
 
     host, port = parse_listen(simulator_listen)
     async with trio.open_nursery() as nursery:
-        url = await nursery.start(run_simulator, Simulator(), host, port)
-        print(f"infinario-router: simulator listening on {url} "
-              f"(see {url}/_sim/events)", file=sys.stderr)
+        try:
+            url = await nursery.start(run_simulator, Simulator(), host, port)
+        except (OSError, BaseExceptionGroup) as exc:
+            failed = [leaf for leaf in _leaves(exc) if isinstance(leaf, OSError)]
+            if not failed:
+                raise
+            reason = failed[0].strerror or str(failed[0])
+            raise ConfigError(f"simulator-listen: cannot listen on {simulator_listen}: "
+                              f"{reason}") from None
+        structlog.get_logger("router").info("simulator listening", url=url,
+                                            events=f"{url}/_sim/events")
         await serve(config.with_(infinario_url=url))
         nursery.cancel_scope.cancel()

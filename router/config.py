@@ -1,19 +1,26 @@
 """Settings: defaults, TOML file, ``ROUTER_*`` environment variables and CLI flags.
 
-Precedence, lowest first: built-in defaults, the TOML file given by ``--config``,
-environment variables, command-line flags. Every value is validated here so a
-bad setting stops the relay at start with one line naming the setting.
+Precedence, lowest first: built-in defaults, the TOML file given by ``--config``
+(or ``ROUTER_CONFIG``), environment variables, command-line flags. Each source is
+read into a partial dict of ``Config`` fields and the partials are merged by
+replacement, so a source that sets write keys or renames replaces the whole set
+from the sources below it. Every value is validated here so a bad setting stops
+the relay at start with one line naming the setting.
 """
 
 from __future__ import annotations
 
 import base64
+import math
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -31,8 +38,15 @@ DEFAULT_V2_RATE_LIMIT = 6000
 DEFAULT_GRACE = 10.0
 DEFAULT_REQUEST_TIMEOUT = 15.0
 DEFAULT_LIMIT = 255
+MAX_CONCURRENCY = 256
 
 Api = Literal["legacy", "v2"]
+LogFormat = Literal["json", "console"]
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class Size:
+    """Marks an ``int`` field whose text form is a size such as ``512MB`` or ``2GiB``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,7 +65,7 @@ class Config:
     project_auth: Mapping[str, str] = field(default_factory=dict)
     dedup_window: float = DEFAULT_DEDUP_WINDOW
     retry_window: float = DEFAULT_RETRY_WINDOW
-    spool_cap: int = DEFAULT_SPOOL_CAP
+    spool_cap: Annotated[int, Size] = DEFAULT_SPOOL_CAP
     # Requests per minute to Infinario; None means the dialect default (v2: 6,000, legacy: none).
     rate_limit: int | None = None
     max_customer_keys: int = DEFAULT_LIMIT
@@ -61,7 +75,7 @@ class Config:
     allow_campaign: bool = False
     grace: float = DEFAULT_GRACE
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
-    log_format: Literal["json", "console"] = "json"
+    log_format: LogFormat = "json"
     log_level: str = "info"
     simulate: bool = False
     # Customers kept in memory before idle ones hibernate to the store.
@@ -90,20 +104,64 @@ class Config:
         spec = self.project_auth.get(project, self.infinario_auth)
         return auth_header(spec) if spec else None
 
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain values safe to log: secrets become fingerprints."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "write_keys":
+                value = {fingerprint(k): fingerprint(v) for k, v in value.items()}
+            elif f.name == "project_auth":
+                value = {fingerprint(k): "***" for k in value}
+            elif f.name == "infinario_auth":
+                value = None if value is None else "***"
+            elif f.name == "infinario_url":
+                value = redact_url(value)
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            out[f.name] = value
+        return out
+
 
 def auth_header(spec: str) -> str:
     """``token:API_TOKEN`` -> ``Token ...``; ``basic:KEY_ID:SECRET`` -> ``Basic ...``."""
-    kind, _, rest = spec.partition(":")
+    kind, sep, rest = spec.partition(":")
     if kind == "token" and rest:
         return f"Token {rest}"
     if kind == "basic":
-        key_id, sep, secret = rest.partition(":")
-        if key_id and sep and secret:
+        key_id, sep2, secret = rest.partition(":")
+        if key_id and sep2 and secret:
             return "Basic " + base64.b64encode(f"{key_id}:{secret}".encode()).decode()
-    raise ConfigError(
-        "infinario-auth: expected token:API_TOKEN or basic:KEY_ID:SECRET, got "
-        f"{kind or spec!r}..."
-    )
+    # Only the kind is echoed: without a colon the whole value may be the secret.
+    got = f", got {kind + ':...'!r}" if sep and kind not in ("token", "basic") else ""
+    raise ConfigError(f"infinario-auth: expected token:API_TOKEN or basic:KEY_ID:SECRET{got}")
+
+
+# --- redaction -------------------------------------------------------------------------------
+
+# ``scheme://user:password@``; the password runs to the last ``@`` before the host,
+# so a password containing ``@`` is still hidden whole.
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):([^/\s]*)@")
+
+
+def redact_url(url: str) -> str:
+    """``https://user:secret@host/x`` -> ``https://user:***@host/x``; other text unchanged."""
+    return _USERINFO.sub(r"\1:***@", url)
+
+
+def fingerprint(secret: str) -> str:
+    """A short stable stand-in for a secret: enough of its start to tell two apart.
+
+    At most a third of the value (and never more than 4 characters) is shown,
+    and nothing of one shorter than 6, so a short secret is not given away.
+    """
+    shown = 0 if len(secret) < 6 else min(4, len(secret) // 3)
+    return secret[:shown] + "…"
+
+
+# --- validation ------------------------------------------------------------------------------
 
 
 def validate(config: Config) -> None:
@@ -111,16 +169,11 @@ def validate(config: Config) -> None:
         parse_listen(config.listen)
     except ValueError as exc:
         raise ConfigError(f"listen: {exc}") from None
-    url = urlsplit(config.infinario_url)
-    if url.scheme not in ("http", "https") or not url.netloc:
-        raise ConfigError(
-            f"infinario-url: expected an http(s) URL, got {config.infinario_url!r}"
-        )
-    if config.api not in ("legacy", "v2"):
-        raise ConfigError(f"api: expected legacy or v2, got {config.api!r}")
+    _validate_url(config.infinario_url)
+    _choice("api", config.api, ("legacy", "v2"))
     for key, token in config.write_keys.items():
         if not key or not token:
-            raise ConfigError(f"write-key: expected KEY=PROJECT_TOKEN, got {key!r}={token!r}")
+            raise ConfigError("write-key: expected KEY=PROJECT_TOKEN, got an empty key or token")
     positive = {
         "session-timeout": config.session_timeout,
         "concurrency": config.concurrency,
@@ -136,107 +189,160 @@ def validate(config: Config) -> None:
         "lane-window": config.lane_window,
     }
     for name, value in positive.items():
-        if not value > 0:
+        if not _finite(value) or not value > 0:
             raise ConfigError(f"{name}: must be greater than 0, got {value!r}")
-    if config.linger < 0:
+    if not _finite(config.linger) or config.linger < 0:
         raise ConfigError(f"linger: must be 0 or more, got {config.linger!r}")
-    if config.concurrency > 256:
-        raise ConfigError(f"concurrency: at most 256, got {config.concurrency}")
+    if config.rate_limit is not None and config.rate_limit < 0:
+        raise ConfigError(
+            f"rate-limit: must be 0 or more (0 means no limit), got {config.rate_limit!r}"
+        )
+    if config.concurrency > MAX_CONCURRENCY:
+        raise ConfigError(f"concurrency: at most {MAX_CONCURRENCY}, got {config.concurrency}")
     if config.infinario_auth:
         auth_header(config.infinario_auth)
     for project, spec in config.project_auth.items():
         try:
             auth_header(spec)
         except ConfigError as exc:
-            raise ConfigError(f"projects.{project}.auth: {exc}") from None
-    if config.log_format not in ("json", "console"):
-        raise ConfigError(f"log-format: expected json or console, got {config.log_format!r}")
-    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(
-            f"log-level: expected debug, info, warning or error, got {config.log_level!r}"
-        )
+            detail = str(exc).removeprefix("infinario-auth: ")
+            raise ConfigError(f"projects.{fingerprint(project)}.auth: {detail}") from None
+    _choice("log-format", config.log_format, ("json", "console"))
+    _choice("log-level", config.log_level.lower(), LOG_LEVELS, shown=config.log_level)
 
 
-# --- loading -------------------------------------------------------------------------------
+def _finite(value: float) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
 
-_FIELD_TYPES: dict[str, str] = {
-    "listen": "str",
-    "infinario_url": "str",
-    "api": "str",
-    "session_timeout": "float",
-    "data_dir": "path",
-    "concurrency": "int",
-    "infinario_auth": "str",
-    "dedup_window": "float",
-    "retry_window": "float",
-    "spool_cap": "size",
-    "rate_limit": "int",
-    "max_customer_keys": "int",
-    "max_event_keys": "int",
-    "max_event_types": "int",
-    "allow_campaign": "bool",
-    "grace": "float",
-    "request_timeout": "float",
-    "log_format": "str",
-    "log_level": "str",
-    "simulate": "bool",
-    "active_customers": "int",
-    "lane_window": "int",
-    "linger": "float",
-}
-# Settings that take several values: a list in TOML, repeated flags, commas in the environment.
-_MULTI = ("write_key", "rename")
-SETTINGS = (*_FIELD_TYPES, *_MULTI)
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...], shown: Any = None) -> None:
+    if value not in allowed:
+        words = ", ".join(allowed[:-1]) + " or " + allowed[-1]
+        raise ConfigError(f"{name}: expected {words}, got {value if shown is None else shown!r}")
+
+
+def _validate_url(url: str) -> None:
+    parts = urlsplit(url) if isinstance(url, str) else None
+    shown = redact_url(url) if isinstance(url, str) else url
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"infinario-url: expected an http(s) URL, got {shown!r}")
+    if any(c.isspace() for c in url):
+        raise ConfigError(f"infinario-url: must not contain spaces, got {shown!r}")
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number in 0-65535
+    except ValueError:
+        raise ConfigError(f"infinario-url: the port must be a number up to 65535, got {shown!r}")\
+            from None
+
+
+# --- converting text and TOML values -------------------------------------------------------
 
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _convert(name: str, kind: str, value: Any) -> Any:
-    try:
-        if kind == "str":
-            if not isinstance(value, str):
-                raise ValueError("expected a string")
-            return value
-        if kind == "int":
-            if isinstance(value, bool):
-                raise ValueError("expected a whole number")
-            return int(value)
-        if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError("expected a number")
-            return float(value)
-        if kind == "path":
-            return Path(str(value))
-        if kind == "size":
-            return parse_size(value)
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError("expected true or false")
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{_flag(name)}: {exc} (got {value!r})") from None
-    raise AssertionError(kind)
-
-
 def parse_size(value: Any) -> int:
-    """``1048576``, ``512MB``, ``2GiB`` -> bytes."""
+    """``1048576``, ``512MB``, ``2GiB`` -> bytes; ``ValueError`` for anything else."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     text = str(value).strip().upper().replace(" ", "")
     units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
              "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "B": 1, "K": 1024,
-             "M": 1024**2, "G": 1024**3}
-    for unit, factor in units.items():
+             "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    factor = 1
+    for unit, unit_factor in units.items():
         if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+            text, factor = text[: -len(unit)], unit_factor
+            break
+    if not re.fullmatch(r"\d+(\.\d+)?", text):
+        raise ValueError("expected a size such as 1048576, 512MB or 2GiB")
+    return int(float(text) * factor)
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+        return int(value)
+    raise ValueError("expected a whole number")
+
+
+_NUMBER = re.compile(r"\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*")
+
+
+def _to_float(value: Any) -> float:
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if not numeric and not (isinstance(value, str) and _NUMBER.fullmatch(value)):
+        raise ValueError("expected a number")
+    return float(value)
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _to_path(value: Any) -> Path:
+    if not isinstance(value, str | Path) or not str(value).strip():
+        raise ValueError("expected a path")
+    return Path(value)
+
+
+Converter = Callable[[Any], Any]
+
+
+def _converter(hint: Any) -> Converter:
+    """How to read a text or TOML value for a field annotated ``hint``."""
+    if typing.get_origin(hint) is Annotated:
+        base, *marks = typing.get_args(hint)
+        if Size in marks:
+            return parse_size
+        return _converter(base)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        # ``X | None``: a source that sets the field sets an X.
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _converter(inner)
+    if typing.get_origin(hint) is Literal:
+        # Any string is taken here; ``validate`` names the allowed values.
+        return _to_str
+    simple: dict[Any, Converter] = {str: _to_str, int: _to_int, float: _to_float,
+                                    bool: _to_bool, Path: _to_path}
+    return simple[hint]
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if isinstance(value, str | int | float | bool) else type(value).__name__
+
+
+# Fields no single value sets: they come from repeatable settings and ``[projects]``.
+_COMPOUND = frozenset({"write_keys", "renames", "project_auth"})
+_HINTS = typing.get_type_hints(Config, include_extras=True)
+_CONVERTERS: dict[str, Converter] = {
+    f.name: _converter(_HINTS[f.name]) for f in fields(Config) if f.name not in _COMPOUND
+}
+# Settings that take several values: a list in TOML, repeated flags, commas in the environment.
+_MULTI = ("write_key", "rename")
+SETTINGS = (*_CONVERTERS, *_MULTI, "write_key_file")
+
+
+def _convert(name: str, value: Any) -> Any:
+    try:
+        return _CONVERTERS[name](value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{_flag(name)}: {exc}, got {_describe(value)}") from None
 
 
 def _pairs(name: str, values: list[str]) -> dict[str, str]:
@@ -244,21 +350,230 @@ def _pairs(name: str, values: list[str]) -> dict[str, str]:
     for item in values:
         left, sep, right = item.partition("=")
         if not sep or not left.strip() or not right.strip():
-            what = "KEY=PROJECT_TOKEN" if name == "write_key" else "SEGMENT_EVENT=EVENT_TYPE"
-            raise ConfigError(f"{_flag(name)}: expected {what}, got {item!r}")
+            if name == "write_key":
+                # The value holds a project token: say what is wrong, not what it was.
+                raise ConfigError("write-key: expected KEY=PROJECT_TOKEN, got a value "
+                                  + ("without '='" if not sep else "with an empty side"))
+            raise ConfigError(f"rename: expected SEGMENT_EVENT=EVENT_TYPE, got {item!r}")
         result[left.strip()] = right.strip()
     return result
 
 
+def _read_secret_file(setting: str, path: Path) -> list[tuple[int, str]]:
+    """The meaningful lines of a secrets file with their numbers: no blanks, no comments."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{setting}: file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError(f"{setting}: cannot read {str(path)!r}: {reason}") from None
+    lines = []
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            lines.append((number, stripped))
+    return lines
+
+
+def read_write_key_file(path: Path) -> dict[str, str]:
+    """``KEY=PROJECT_TOKEN`` lines; blank lines and ``#`` comments are ignored."""
+    keys: dict[str, str] = {}
+    for number, line in _read_secret_file("write-key-file", path):
+        key, sep, token = line.partition("=")
+        if not sep or not key.strip() or not token.strip():
+            raise ConfigError(f"write-key-file: {path} line {number}: expected KEY=PROJECT_TOKEN")
+        keys[key.strip()] = token.strip()
+    return keys
+
+
+def read_auth_file(project: str, path: Path) -> str:
+    """The ``token:...`` or ``basic:ID:SECRET`` a ``[projects.TOKEN]`` auth file holds."""
+    setting = f"projects.{fingerprint(project)}.auth_file"
+    lines = _read_secret_file(setting, path)
+    if len(lines) != 1:
+        raise ConfigError(f"{setting}: {path} must hold exactly one line of credentials, "
+                          f"found {len(lines)}")
+    number, spec = lines[0]
+    try:
+        auth_header(spec)
+    except ConfigError as exc:
+        detail = str(exc).removeprefix("infinario-auth: ")
+        raise ConfigError(f"{setting}: {path} line {number}: {detail}") from None
+    return spec
+
+
 def read_toml(path: Path) -> dict[str, Any]:
+    """The file's settings; relative secret-file paths are resolved against its directory."""
     try:
         with path.open("rb") as handle:
             data = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config: file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config: {str(path)!r} is a directory, not a TOML file") from None
+    except PermissionError:
+        raise ConfigError(f"config: cannot read {str(path)!r}: permission denied") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
-    return {key.replace("-", "_"): value for key, value in data.items()}
+    data = {key.replace("-", "_"): value for key, value in data.items()}
+    base = path.parent
+
+    def resolve(value: Any) -> Any:
+        return base / value if isinstance(value, str) and not Path(value).is_absolute() else value
+
+    if "write_key_file" in data:
+        data["write_key_file"] = resolve(data["write_key_file"])
+    projects = data.get("projects")
+    if isinstance(projects, Mapping):
+        for section in projects.values():
+            if isinstance(section, dict):
+                for name in ("auth_file", "auth-file"):
+                    if name in section:
+                        section[name] = resolve(section[name])
+    return data
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+def _write_keys(explicit: dict[str, str] | None, file: Any) -> dict[str, str] | None:
+    """A source's write keys: those of its key file, overlaid by those it names itself."""
+    if explicit is None and file is None:
+        return None
+    keys = read_write_key_file(_convert_path("write_key_file", file)) if file is not None else {}
+    keys.update(explicit or {})
+    return keys
+
+
+def _convert_path(name: str, value: Any) -> Path:
+    try:
+        return _to_path(value)
+    except ValueError as exc:
+        raise ConfigError(f"{_flag(name)}: {exc}, got {_describe(value)}") from None
+
+
+def _table_or_list(name: str, value: Any) -> dict[str, str]:
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    items = value if isinstance(value, list) else [value]
+    return _pairs(name, [str(v) for v in items])
+
+
+def _from_toml(data: Mapping[str, Any], only: Collection[str] | None = None) -> dict[str, Any]:
+    """The ``Config`` fields the TOML file sets."""
+    out: dict[str, Any] = {}
+    explicit: dict[str, str] | None = None
+    key_file: Any = None
+    for key, value in data.items():
+        if only is not None and key not in only:
+            continue
+        if key in _CONVERTERS:
+            out[key] = _convert(key, value)
+        elif key in ("write_key", "write_keys"):
+            explicit = _table_or_list("write_key", value)
+        elif key == "write_key_file":
+            key_file = value
+        elif key in ("rename", "renames"):
+            out["renames"] = _table_or_list("rename", value)
+        elif key == "projects":
+            out["project_auth"] = _projects(value)
+        else:
+            raise ConfigError(f"config: unknown setting {key!r}")
+    keys = _write_keys(explicit, key_file)
+    if keys is not None:
+        out["write_keys"] = keys
+    return out
+
+
+def _projects(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ConfigError("projects: expected a table of [projects.TOKEN] sections")
+    project_auth: dict[str, str] = {}
+    for token, section in value.items():
+        name = f"projects.{fingerprint(str(token))}"
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"{name}: expected a table")
+        for key in section:
+            if key not in ("auth", "infinario_auth", "infinario-auth", "auth_file", "auth-file"):
+                raise ConfigError(f"{name}: unknown setting {key!r}")
+        inline = [section[k] for k in ("auth", "infinario_auth", "infinario-auth") if k in section]
+        files = [section[k] for k in ("auth_file", "auth-file") if k in section]
+        if inline and files:
+            raise ConfigError(f"{name}: set auth or auth_file, not both")
+        if files:
+            project_auth[str(token)] = read_auth_file(
+                str(token), _convert_path(f"{name}.auth_file", files[0]))
+        elif inline:
+            if not isinstance(inline[0], str):
+                raise ConfigError(f"{name}.auth: expected a string")
+            project_auth[str(token)] = inline[0]
+    return project_auth
+
+
+def _from_env(env: Mapping[str, str], only: Collection[str] | None = None) -> dict[str, Any]:
+    """The ``Config`` fields ``ROUTER_<SETTING>`` variables set; empty ones are unset."""
+    out: dict[str, Any] = {}
+    explicit: dict[str, str] | None = None
+    key_file: str | None = None
+    for name in SETTINGS:
+        if only is not None and name not in only:
+            continue
+        raw = env.get("ROUTER_" + name.upper())
+        if raw is None or raw == "":
+            continue
+        items = [p for p in raw.split(",") if p.strip()]
+        if name == "write_key":
+            explicit = _pairs(name, items)
+        elif name == "rename":
+            out["renames"] = _pairs(name, items)
+        elif name == "write_key_file":
+            key_file = raw
+        else:
+            out[name] = _convert(name, raw)
+    keys = _write_keys(explicit, key_file)
+    if keys is not None:
+        out["write_keys"] = keys
+    return out
+
+
+def _from_flags(flags: Mapping[str, Any], only: Collection[str] | None = None) -> dict[str, Any]:
+    """The ``Config`` fields the command line sets; ``None`` means the flag was not given."""
+    out: dict[str, Any] = {}
+    explicit: dict[str, str] | None = None
+    key_file: Any = None
+    for name, value in flags.items():
+        if value is None or (only is not None and name not in only):
+            continue
+        if name == "write_key":
+            explicit = _pairs(name, list(value))
+        elif name == "rename":
+            out["renames"] = _pairs(name, list(value))
+        elif name == "write_key_file":
+            key_file = value
+        elif name in _CONVERTERS:
+            out[name] = _convert(name, value)
+    keys = _write_keys(explicit, key_file)
+    if keys is not None:
+        out["write_keys"] = keys
+    return out
+
+
+def _merge(*partials: Mapping[str, Any]) -> dict[str, Any]:
+    """Later partials win, field by field; a mapping field is replaced, never merged."""
+    merged: dict[str, Any] = {}
+    for partial in partials:
+        merged.update(partial)
+    return merged
+
+
+def config_path(flag: Path | str | None, env: Mapping[str, str] | None = None) -> Path | None:
+    """The TOML file to read: ``--config``, else ``ROUTER_CONFIG``, else none."""
+    env = os.environ if env is None else env
+    if flag:
+        return Path(flag)
+    from_env = env.get("ROUTER_CONFIG")
+    return Path(from_env) if from_env else None
 
 
 def load(
@@ -269,63 +584,20 @@ def load(
 ) -> Config:
     """Merge the three sources over the defaults and validate the result."""
     env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    multi: dict[str, dict[str, str]] = {"write_key": {}, "rename": {}}
-    project_auth: dict[str, str] = {}
+    return Config(**_merge(_from_toml(toml or {}), _from_env(env), _from_flags(flags or {})))
 
-    # TOML
-    for key, value in (toml or {}).items():
-        if key in _FIELD_TYPES:
-            values[key] = _convert(key, _FIELD_TYPES[key], value)
-        elif key in ("write_key", "write_keys"):
-            if isinstance(value, Mapping):
-                multi["write_key"].update({str(k): str(v) for k, v in value.items()})
-            elif isinstance(value, list):
-                multi["write_key"].update(_pairs("write_key", [str(v) for v in value]))
-            else:
-                multi["write_key"].update(_pairs("write_key", [str(value)]))
-        elif key in ("rename", "renames"):
-            if isinstance(value, Mapping):
-                multi["rename"].update({str(k): str(v) for k, v in value.items()})
-            else:
-                items = value if isinstance(value, list) else [value]
-                multi["rename"].update(_pairs("rename", [str(v) for v in items]))
-        elif key == "projects":
-            if not isinstance(value, Mapping):
-                raise ConfigError("projects: expected a table of [projects.TOKEN] sections")
-            for token, section in value.items():
-                if not isinstance(section, Mapping):
-                    raise ConfigError(f"projects.{token}: expected a table")
-                for name in ("auth", "infinario_auth", "infinario-auth"):
-                    if name in section:
-                        project_auth[str(token)] = str(section[name])
-        else:
-            raise ConfigError(f"config: unknown setting {key!r}")
 
-    # Environment
-    for name in SETTINGS:
-        raw = env.get("ROUTER_" + name.upper())
-        if raw is None or raw == "":
-            continue
-        if name in _MULTI:
-            multi[name].update(_pairs(name, [p for p in raw.split(",") if p.strip()]))
-        else:
-            values[name] = _convert(name, _FIELD_TYPES[name], raw)
-
-    # Flags
-    for name, value in (flags or {}).items():
-        if value is None:
-            continue
-        if name in _MULTI:
-            multi[name].update(_pairs(name, list(value)))
-        elif name in _FIELD_TYPES:
-            values[name] = _convert(name, _FIELD_TYPES[name], value)
-
-    known = {f.name for f in fields(Config)}
-    assert set(values) <= known
-    return Config(
-        **values,
-        write_keys=multi["write_key"],
-        renames=multi["rename"],
-        project_auth=project_auth,
-    )
+def load_data_dir(
+    *,
+    toml: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Path:
+    """Only the data dir, with the same precedence: tools that need nothing else
+    must not fail over an unrelated setting."""
+    env = os.environ if env is None else env
+    only = ("data_dir",)
+    merged = _merge(_from_toml(toml or {}, only), _from_env(env, only),
+                    _from_flags(flags or {}, only))
+    path: Path = merged.get("data_dir", DEFAULT_DATA_DIR)
+    return path

@@ -14,12 +14,12 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from . import outbox
 from . import store as st
 from .commands import decode_command
-from .config import DEFAULT_DATA_DIR
 from .errors import StartupError
 
 
@@ -27,11 +27,9 @@ def _when(value: float) -> str:
     return dt.datetime.fromtimestamp(value, dt.UTC).isoformat(timespec="seconds")
 
 
-def run(args: argparse.Namespace, load_config: Callable[[argparse.Namespace], Any]) -> int:
-    if args.data_dir is not None:
-        data_dir = args.data_dir
-    else:
-        data_dir = load_config(args).data_dir if args.config else DEFAULT_DATA_DIR
+def run(args: argparse.Namespace, resolve_data_dir: Callable[[argparse.Namespace], Path]) -> int:
+    """``resolve_data_dir`` applies the usual precedence: flag, environment, config file."""
+    data_dir = resolve_data_dir(args)
     path = data_dir / st.DB_NAME
     if not path.exists():
         raise StartupError(f"no relay database at {str(path)!r}; pass the relay's --data-dir")

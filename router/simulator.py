@@ -743,9 +743,11 @@ def _positive(value: str) -> int:
     return int(value)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m router.simulator",
+def main(argv: list[str] | None = None, prog: str = "python -m router.simulator") -> int:
+    from .cli import ShortParser
+
+    parser = ShortParser(
+        prog=prog,
         description="Run the built-in Infinario simulator (legacy /bulk and v2 batch).")
     parser.add_argument("--listen", default=DEFAULT_LISTEN,
                         help=f"HOST:PORT to listen on ({DEFAULT_LISTEN})")

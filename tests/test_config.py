@@ -35,7 +35,7 @@ class TestLoad:
         assert config.session_timeout == 30
         assert config.concurrency == 3
         assert config.listen == "127.0.0.1:3"
-        assert dict(config.write_keys) == {"a": "pa", "b": "pb", "c": "pc", "d": "pd"}
+        assert dict(config.write_keys) == {"d": "pd"}
         assert config.auth_header("pa") == "Token T"
 
     def test_basic_auth_header(self) -> None:
@@ -89,8 +89,7 @@ class TestCli:
         )
         assert result.returncode == 2
         assert result.stderr.strip().splitlines() == [
-            "infinario-router: concurrency: invalid literal for int() with base 10: 'zero' "
-            "(got 'zero')"
+            "infinario-router: concurrency: expected a whole number, got 'zero'"
         ]
 
     def test_no_write_key_without_simulator(self, tmp_path: Path) -> None:
@@ -101,3 +100,221 @@ class TestCli:
         )
         assert result.returncode == 2
         assert "write-key" in result.stderr.strip().splitlines()[-1]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("ROUTER_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "router", *args], capture_output=True,
+                          text=True, timeout=60, env=full_env, cwd=cwd)
+
+
+class TestPrecedence:
+    """Each source replaces what the sources below it set, repeatable settings included."""
+
+    def test_write_keys_and_renames_are_replaced_not_merged(self, tmp_path: Path) -> None:
+        path = tmp_path / "r.toml"
+        path.write_text('write_key = ["a=pa"]\nrename = { "A" = "a" }\n')
+        toml = cfg.read_toml(path)
+        from_toml = cfg.load(toml=toml, env={})
+        assert dict(from_toml.write_keys) == {"a": "pa"}
+        assert dict(from_toml.renames) == {"A": "a"}
+        from_env = cfg.load(toml=toml, env={"ROUTER_WRITE_KEY": "b=pb",
+                                            "ROUTER_RENAME": "B=b"})
+        assert dict(from_env.write_keys) == {"b": "pb"}
+        assert dict(from_env.renames) == {"B": "b"}
+        from_flags = cfg.load(toml=toml, env={"ROUTER_WRITE_KEY": "b=pb"},
+                              flags={"write_key": ["c=pc"], "rename": ["C=c"]})
+        assert dict(from_flags.write_keys) == {"c": "pc"}
+        assert dict(from_flags.renames) == {"C": "c"}
+
+    def test_a_source_that_does_not_set_a_value_keeps_the_lower_one(
+            self, tmp_path: Path) -> None:
+        path = tmp_path / "r.toml"
+        path.write_text('write_key = ["a=pa"]\nconcurrency = 3\n')
+        config = cfg.load(toml=cfg.read_toml(path), env={"ROUTER_WRITE_KEY": ""},
+                          flags={"write_key": None, "concurrency": None})
+        assert dict(config.write_keys) == {"a": "pa"}
+        assert config.concurrency == 3
+
+    def test_converters_follow_the_annotations(self) -> None:
+        config = cfg.load(env={"ROUTER_SPOOL_CAP": "1MiB", "ROUTER_DATA_DIR": "/tmp/x",
+                               "ROUTER_ALLOW_CAMPAIGN": "yes", "ROUTER_RATE_LIMIT": "0",
+                               "ROUTER_LINGER": "0.5", "ROUTER_API": "v2"})
+        assert config.spool_cap == 1024**2
+        assert config.data_dir == Path("/tmp/x")
+        assert config.allow_campaign is True
+        assert config.rate_limit == 0 and config.effective_rate_limit is None
+        assert config.linger == 0.5
+        assert config.api == "v2"
+
+    def test_router_config_names_the_file(self, tmp_path: Path) -> None:
+        path = tmp_path / "r.toml"
+        path.write_text('log_level = "loud"\n')
+        result = run_cli("serve", env={"ROUTER_CONFIG": str(path)})
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [
+            "infinario-router: log-level: expected debug, info, warning or error, got 'loud'"]
+
+    def test_flags_beat_router_config(self, tmp_path: Path) -> None:
+        path = tmp_path / "r.toml"
+        path.write_text('concurrency = 0\n')
+        result = run_cli("serve", "--concurrency", "-1", env={"ROUTER_CONFIG": str(path)})
+        assert result.stderr.splitlines() == [
+            "infinario-router: concurrency: must be greater than 0, got -1"]
+
+
+class TestValues:
+    """Values a person might type wrong are refused with a message that says what was expected."""
+
+    @pytest.mark.parametrize(
+        ("flag", "value", "line"),
+        [
+            ("--concurrency", "abc", "concurrency: expected a whole number, got 'abc'"),
+            ("--concurrency", "2.5", "concurrency: expected a whole number, got '2.5'"),
+            ("--concurrency", "1000", "concurrency: at most 256, got 1000"),
+            ("--rate-limit", "-5", "rate-limit: must be 0 or more (0 means no limit), got -5"),
+            ("--session-timeout", "soon", "session-timeout: expected a number, got 'soon'"),
+            ("--session-timeout", "nan", "session-timeout: expected a number, got 'nan'"),
+            ("--grace", "0", "grace: must be greater than 0, got 0.0"),
+            ("--linger", "-1", "linger: must be 0 or more, got -1.0"),
+            ("--spool-cap", "12XB",
+             "spool-cap: expected a size such as 1048576, 512MB or 2GiB, got '12XB'"),
+            ("--spool-cap", "0", "spool-cap: must be greater than 0, got 0"),
+            ("--listen", "127.0.0.1:70000", "listen: expected HOST:PORT, got '127.0.0.1:70000'"),
+            ("--listen", "8080", "listen: expected HOST:PORT, got '8080'"),
+            ("--infinario-url", "api.infinario.com",
+             "infinario-url: expected an http(s) URL, got 'api.infinario.com'"),
+            ("--infinario-url", "https://u:pw@h:99999",
+             "infinario-url: the port must be a number up to 65535, got 'https://u:***@h:99999'"),
+            ("--api", "v3", "api: expected legacy or v2, got 'v3'"),
+            ("--log-format", "xml", "log-format: expected json or console, got 'xml'"),
+            ("--log-level", "loud", "log-level: expected debug, info, warning or error, "
+             "got 'loud'"),
+            ("--write-key", "k", "write-key: expected KEY=PROJECT_TOKEN, got a value without '='"),
+            ("--rename", "A=", "rename: expected SEGMENT_EVENT=EVENT_TYPE, got 'A='"),
+        ],
+    )
+    def test_one_line_exit_2(self, tmp_path: Path, flag: str, value: str, line: str) -> None:
+        result = run_cli("serve", "--data-dir", str(tmp_path), flag, value)
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == ["infinario-router: " + line]
+
+    def test_simulate_flags_are_checked_too(self, tmp_path: Path) -> None:
+        result = run_cli("serve", "--simulate", "--data-dir", str(tmp_path), "--api", "v3")
+        assert (result.returncode, result.stderr.splitlines()) == (
+            2, ["infinario-router: api: expected legacy or v2, got 'v3'"])
+
+    def test_toml_types_are_checked(self, tmp_path: Path) -> None:
+        path = tmp_path / "r.toml"
+        path.write_text('concurrency = "many"\n')
+        with pytest.raises(ConfigError, match=r"^concurrency: expected a whole number, "
+                                              r"got 'many'$"):
+            cfg.load(toml=cfg.read_toml(path), env={})
+        path.write_text("allow_campaign = 3\n")
+        with pytest.raises(ConfigError, match=r"^allow-campaign: expected true or false, got 3$"):
+            cfg.load(toml=cfg.read_toml(path), env={})
+
+    def test_usage_errors_are_one_line(self) -> None:
+        for args in (["serve", "--bogus"], ["serve", "--listen"], ["launch"], []):
+            result = run_cli(*args)
+            assert result.returncode == 2, args
+            assert len(result.stderr.splitlines()) == 1, (args, result.stderr)
+            assert result.stderr.startswith("infinario-router: ")
+
+    def test_secrets_are_not_echoed(self) -> None:
+        with pytest.raises(ConfigError) as info:
+            cfg.load(env={"ROUTER_INFINARIO_AUTH": "s3cr3tvalue"})
+        assert "s3cr3t" not in str(info.value)
+        with pytest.raises(ConfigError) as info:
+            cfg.load(env={"ROUTER_WRITE_KEY": "wk=", "ROUTER_API": "v2"})
+        assert str(info.value) == "write-key: expected KEY=PROJECT_TOKEN, got a value with " \
+            "an empty side"
+
+
+class TestSecretFiles:
+    """Write keys and project credentials can live in files of their own."""
+
+    def test_write_key_file(self, tmp_path: Path) -> None:
+        keys = tmp_path / "keys"
+        keys.write_text("# web and backend\nweb=TOKEN_A\n\n  backend = TOKEN_B  \n")
+        for config in (
+            cfg.load(env={}, flags={"write_key_file": str(keys)}),
+            cfg.load(env={"ROUTER_WRITE_KEY_FILE": str(keys)}),
+        ):
+            assert dict(config.write_keys) == {"web": "TOKEN_A", "backend": "TOKEN_B"}
+
+    def test_write_key_file_in_toml_is_relative_to_the_toml(self, tmp_path: Path) -> None:
+        (tmp_path / "keys").write_text("web=TOKEN_A\n")
+        path = tmp_path / "r.toml"
+        path.write_text('write_key_file = "keys"\n')
+        config = cfg.load(toml=cfg.read_toml(path), env={})
+        assert dict(config.write_keys) == {"web": "TOKEN_A"}
+
+    def test_a_higher_source_replaces_the_file(self, tmp_path: Path) -> None:
+        keys = tmp_path / "keys"
+        keys.write_text("web=TOKEN_A\n")
+        config = cfg.load(env={"ROUTER_WRITE_KEY_FILE": str(keys)},
+                          flags={"write_key": ["cli=TOKEN_C"]})
+        assert dict(config.write_keys) == {"cli": "TOKEN_C"}
+
+    def test_bad_line_names_file_and_line_not_the_secret(self, tmp_path: Path) -> None:
+        keys = tmp_path / "keys"
+        keys.write_text("web=TOKEN_A\n# ok\nTOKEN_SECRET_B\n")
+        result = run_cli("serve", "--write-key-file", str(keys))
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [
+            f"infinario-router: write-key-file: {keys} line 3: expected KEY=PROJECT_TOKEN"]
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError, match=r"^write-key-file: file .* does not exist$"):
+            cfg.load(env={"ROUTER_WRITE_KEY_FILE": str(tmp_path / "none")})
+
+    def test_project_auth_file(self, tmp_path: Path) -> None:
+        (tmp_path / "a.auth").write_text("# project A\nbasic:id:secret\n")
+        path = tmp_path / "r.toml"
+        path.write_text('[projects.PROJECT_TOKEN_A]\nauth_file = "a.auth"\n')
+        config = cfg.load(toml=cfg.read_toml(path), env={})
+        assert config.auth_header("PROJECT_TOKEN_A") == "Basic aWQ6c2VjcmV0"
+
+    def test_bad_project_auth_file(self, tmp_path: Path) -> None:
+        (tmp_path / "a.auth").write_text("\npassword:hunter2\n")
+        path = tmp_path / "r.toml"
+        path.write_text('[projects.PROJECT_TOKEN_A]\nauth_file = "a.auth"\n')
+        with pytest.raises(ConfigError) as info:
+            cfg.load(toml=cfg.read_toml(path), env={})
+        message = str(info.value)
+        assert message == (f"projects.PROJ….auth_file: {tmp_path / 'a.auth'} line 2: expected "
+                           "token:API_TOKEN or basic:KEY_ID:SECRET, got 'password:...'")
+        assert "hunter2" not in message and "PROJECT_TOKEN_A" not in message
+
+
+class TestRedaction:
+    """Settings can be logged without their secrets."""
+
+    @pytest.mark.parametrize(
+        ("url", "safe"),
+        [
+            ("https://user:pw@api.example.com/x", "https://user:***@api.example.com/x"),
+            ("https://user:p@ss@host", "https://user:***@host"),
+            ("https://user@host", "https://user@host"),
+            ("https://api.example.com", "https://api.example.com"),
+        ],
+    )
+    def test_redact_url(self, url: str, safe: str) -> None:
+        assert cfg.redact_url(url) == safe
+
+    def test_redacted_config(self) -> None:
+        config = cfg.Config(write_keys={"web-write-key": "PROJECT_TOKEN_A"},
+                            infinario_auth="token:SECRET_T",
+                            project_auth={"PROJECT_TOKEN_A": "basic:id:SECRET_B"},
+                            infinario_url="https://u:SECRET_P@api.example.com")
+        text = repr(config.redacted())
+        for secret in ("PROJECT_TOKEN_A", "SECRET_T", "SECRET_B", "SECRET_P", "web-write-key"):
+            assert secret not in text
+        assert config.redacted()["write_keys"] == {"web-…": "PROJ…"}
+        assert config.redacted()["infinario_url"] == "https://u:***@api.example.com"
+        assert config.redacted()["concurrency"] == 8
