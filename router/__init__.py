@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__version__ = "0.1.0"
+
 from .app import Router, open_router, serve
 from .commands import Command
 from .config import Config

@@ -21,8 +21,9 @@ from .commands import Command
 from .config import Config
 from .customer import CustomerState, TurnContext, call_ids, turn
 from .errors import Rejected, RouterError
+from .journal import merge_shared, shared_part
 from .mapping import CONTEXT_EXCLUDED, EventPolicy, LimitExceeded, Limits, Schema, sanitize
-from .segment import decode_envelope, decode_item, decode_json, merge_envelope, validate
+from .segment import Envelope, decode_envelope, decode_item, decode_json, validate
 
 DESCRIPTION = (
     "Show the Infinario commands Segment messages would become, and why keys were renamed, "
@@ -239,6 +240,12 @@ def json_depth_exceeds(data: bytes, limit: int = PARSE_DEPTH) -> bool:
 
 
 
+def _merged(item: Any, envelope: Envelope) -> Any:
+    """A batch item with the envelope's context and integrations, as intake merges them."""
+    shared = shared_part(envelope.context, envelope.integrations)
+    return merge_shared(item, shared) if shared and isinstance(item, dict) else item
+
+
 def read_input(source: str) -> bytes:
     if source == "-":
         return sys.stdin.buffer.read()
@@ -265,7 +272,7 @@ def parse_input(data: bytes) -> tuple[list[tuple[Any, Any]], bool]:
             envelope = decode_envelope(data)
             items = []
             for raw in envelope.batch:
-                items.append((merge_envelope(decode_item(bytes(raw)), envelope), envelope.sentAt))
+                items.append((_merged(decode_item(bytes(raw)), envelope), envelope.sentAt))
         except Rejected as exc:
             raise BadInput(f"explain: {exc.message}") from None
         return items, False

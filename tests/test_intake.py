@@ -556,7 +556,15 @@ class TestDeepNesting:
             + b"]" * 5000 + b"]}"
         response = await relay.client.post("/v1/batch", content=content,
                                            headers=basic(WRITE_KEY))
-        assert_error(response, 400, "too_deep")
+        # Whether the JSON decoder can scan past 5,000 levels depends on the
+        # interpreter: refused whole, or the deep item refused alone.
+        if response.status_code == 400:
+            assert_error(response, 400, "too_deep")
+            assert relay.journaled == []
+        else:
+            body = response.json()
+            assert (body["accepted"], [r["code"] for r in body["rejected"]]) == (1, ["too_deep"])
+            assert body["rejected"][0]["index"] == 1
         await still_serving(relay)
 
 

@@ -345,8 +345,12 @@ class TestDecoding:
         b'{"batch": [' + b"[" * 5000 + b"]" * 5000 + b"]}",
     ])
     def test_deep_envelopes_are_refused(self, body: bytes) -> None:
+        # Whether the JSON decoder can scan past 5,000 levels depends on the
+        # interpreter: the envelope is refused, or else its deep item is.
         with pytest.raises(Rejected) as info:
-            segment.decode_envelope(body)
+            envelope = segment.decode_envelope(body)
+            for raw in envelope.batch:
+                segment.decode_item(raw)
         assert info.value.code == "too_deep"
 
     def test_decode_json(self) -> None:
