@@ -243,7 +243,8 @@ def finish(stack: Stack, result: Result, ctx: Context, kind: str) -> None:
     m["cpu_forwarder_ratio"] = ratio(cpu, ctx.forwarder_us.get(kind))
     result.loads = [{k: v for k, v in r.info.items() if k not in ("requests", "buckets")}
                     for r in stack.loads]
-    result.series = series(stack)
+    # A quick phase lasts a second or two: finer windows, or it is one or two points.
+    result.series = series(stack, step=0.25 if ctx.plan.mode == "quick" else 1.0)
 
 
 def series(stack: Stack, step: float = 1.0) -> dict[str, Any]:
@@ -266,24 +267,25 @@ def series(stack: Stack, step: float = 1.0) -> dict[str, Any]:
     refusals: dict[int, int] = {}
     for r in stack.loads:
         for t, lat, s in zip(r.t, r.latency, r.status, strict=True):
-            i = int(t - t0)
+            i = int((t - t0) / step)
             if s == 200:
                 buckets.setdefault(i, []).append(lat)
             elif s in (429, 503):
                 refusals[i] = refusals.get(i, 0) + 1
     for i in sorted(buckets):
-        lat_x.append(i + 0.5)
+        lat_x.append(round((i + 0.5) * step, 3))
         lat_p50.append(_ms(percentile(buckets[i], 50)))
         lat_p99.append(_ms(percentile(buckets[i], 99)))
     for i in sorted(refusals):
-        overload_x.append(i + 0.5)
+        overload_x.append(round((i + 0.5) * step, 3))
         overload_y.append(refusals[i])
     return {
         "t0": t0,
         "acked_rate": {"t": ax, "per_s": ay},
         "delivered_rate": {"t": dx, "per_s": dy},
         "latency_ms": {"t": lat_x, "p50": lat_p50, "p99": lat_p99},
-        "refused_per_s": {"t": overload_x, "count": overload_y},
+        "step_s": step,
+        "refused_per_s": {"t": overload_x, "count": [n / step for n in overload_y]},
         "rss_mb": {"t": [round(s.t - t0, 2) for s in samples if s.rss_mb is not None],
                    "mb": [round(s.rss_mb, 1) for s in samples if s.rss_mb is not None]},
         "phases": [(round(a - t0, 2), round(b - t0, 2), label)
