@@ -7,7 +7,9 @@ Drawn from the ``series`` of a result JSON, so a plot can be redrawn later::
 
 from __future__ import annotations
 
+import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,44 @@ import matplotlib.pyplot as plt
 import msgspec
 
 PHASE_COLOURS = ["#e8f0fe", "#fef7e0", "#e6f4ea", "#fce8e6", "#f3e8fd"]
+
+
+def _segment(x: float, phases: Sequence[Sequence[Any]], half: float) -> tuple[int, bool]:
+    """Which stretch of the run the window ``[x - half, x + half]`` mostly falls in.
+
+    (i, True): phase i; (i, False): the time after i phases ended, before the next.
+    """
+    ended = 0
+    for i, (start, end, *_) in enumerate(phases):
+        if min(x + half, float(end)) - max(x - half, float(start)) >= half:
+            return i, True
+        if float(end) <= x:
+            ended = i + 1
+    return ended, False
+
+
+def broken(xs: Sequence[float], ys: Sequence[float | None],
+           phases: Sequence[Sequence[Any]], step: float = 1.0
+           ) -> tuple[list[float], list[float]]:
+    """``xs``, ``ys`` with a NaN point wherever two neighbours lie in different stretches.
+
+    A stretch is one phase, or the time between two phases (a drain, a wait);
+    each point stands for a window of ``step`` seconds centred on it. Matplotlib
+    draws no line through NaN, so a curve never joins the end of one phase to
+    the start of an unrelated one with a straight line.
+    """
+    out_x: list[float] = []
+    out_y: list[float] = []
+    last: tuple[int, bool] | None = None
+    for x, y in zip(xs, ys, strict=True):
+        seg = _segment(x, phases, step / 2)
+        if last is not None and seg != last:
+            out_x.append(x)
+            out_y.append(math.nan)
+        out_x.append(x)
+        out_y.append(math.nan if y is None else float(y))
+        last = seg
+    return out_x, out_y
 
 
 def _phases(ax: Any, series: dict[str, Any], label: bool) -> None:
@@ -48,15 +88,18 @@ def plot(result: dict[str, Any], out: Path) -> None:
         plt.close(fig)
         return
 
+    phases = series.get("phases", [])
+    step = float(series.get("step_s", 1.0))
     acked, delivered = series["acked_rate"], series["delivered_rate"]
-    top.plot(acked["t"], acked["per_s"], label="acked msg/s (load generator)", color="#1a73e8")
-    top.plot(delivered["t"], delivered["per_s"], label="delivered msg/s (simulator)",
-             color="#188038")
+    top.plot(*broken(acked["t"], acked["per_s"], phases, step),
+             label="acked msg/s (load generator)", color="#1a73e8", marker=".")
+    top.plot(*broken(delivered["t"], delivered["per_s"], phases, step),
+             label="delivered msg/s (simulator)", color="#188038", marker=".")
     refused = series.get("refused_per_s", {})
     if refused.get("t"):
         twin = top.twinx()
-        twin.bar(refused["t"], refused["count"], width=0.8, color="#d93025", alpha=0.35,
-                 label="503/429 answers per s")
+        twin.bar(refused["t"], refused["count"], width=0.8 * step,
+                 color="#d93025", alpha=0.35, label="503/429 answers per s")
         twin.set_ylabel("503/429 per s", color="#d93025")
         twin.legend(loc="upper right", fontsize=8)
     top.set_ylabel("messages / s")
@@ -64,13 +107,16 @@ def plot(result: dict[str, Any], out: Path) -> None:
     _phases(top, series, label=True)
 
     latency = series["latency_ms"]
-    middle.plot(latency["t"], latency["p50"], label="ack p50", color="#1a73e8", marker=".")
-    middle.plot(latency["t"], latency["p99"], label="ack p99", color="#e37400", marker=".")
+    middle.plot(*broken(latency["t"], latency["p50"], phases, step), label="ack p50",
+                color="#1a73e8", marker=".")
+    middle.plot(*broken(latency["t"], latency["p99"], phases, step), label="ack p99",
+                color="#e37400", marker=".")
     middle.set_yscale("log")
     middle.set_ylabel("ack latency (ms)")
     middle.legend(loc="upper left", fontsize=8)
     _phases(middle, series, label=False)
 
+    # RSS is sampled every 100 ms without a gap: one unbroken curve is the truth there.
     rss = series["rss_mb"]
     bottom.plot(rss["t"], rss["mb"], color="#5f6368")
     bottom.set_ylabel("relay RSS (MB)")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .framework import ceilings
-
 
 def _fmt(value: Any, digits: int = 0) -> str:
     if value is None:
@@ -22,7 +20,8 @@ def _pair(a: Any, b: Any, digits: int = 1) -> str:
 
 
 NUMBERS = ["scenario", "acked msg/s", "delivered msg/s", "cmd/s delivered", "ack p50 / p99 ms",
-           "lag p99 s", "relay CPU µs/msg", "floor µs/msg", "CPU ÷ floor", "peak RSS MB",
+           "lag p99 s", "relay CPU µs/msg", "floor µs/msg", "CPU ÷ floor", "forwarder µs/msg",
+           "CPU ÷ forwarder", "peak RSS MB",
            "RSS growth MB", "503 / 429", "acked", "lost / extra"]
 
 
@@ -38,6 +37,8 @@ def number_row(r: dict[str, Any]) -> list[str]:
         _fmt(m.get("relay_cpu_us_per_msg"), 1),
         _fmt(m.get("codec_floor_us"), 2),
         _fmt(m.get("cpu_floor_ratio"), 1),
+        _fmt(m.get("forwarder_us"), 2),
+        _fmt(m.get("cpu_forwarder_ratio"), 1),
         _fmt(m.get("peak_rss_mb")),
         _fmt(m.get("rss_growth_mb"), 1),
         _pair(m.get("http_503"), m.get("http_429"), 0),
@@ -56,42 +57,34 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *(line(row) for row in rows)]
 
 
-def _commands_per_message(results: list[dict[str, Any]], kind: str) -> float:
-    for r in results:
-        m = r.get("metrics", {})
-        if r["scenario"] == kind and m.get("commands_per_s") and m.get("delivered_per_s"):
-            return float(m["commands_per_s"]) / float(m["delivered_per_s"])
-    return 1.0
-
-
-def framework_lines(results: list[dict[str, Any]], header: dict[str, Any]) -> list[str]:
-    """What hypercorn and httpx cost with no relay work, and the ceilings that sets."""
-    framework = header.get("framework")
-    if not framework:
+def forwarder_lines(header: dict[str, Any]) -> list[str]:
+    """What the bare forwarder cost under the same load, measured in this run."""
+    fwd = header.get("forwarder")
+    if not fwd:
         return []
-    if "error" in framework:
-        return [f"Framework floor: not measured ({framework['error'].splitlines()[0]}).", ""]
-    server, client = framework["server"], framework["client"]
-    lines = [
-        "Framework floor (a null ASGI app on hypercorn's trio worker; httpx bulk posts): "
-        + "; ".join(f"{kind} request {_fmt(v['us_per_request'])} µs CPU "
-                    f"({_fmt(v['us_per_message'], 1)} µs/msg, at most "
-                    f"{_fmt(v['max_requests_per_s_one_core'])} req/s on one core)"
-                    for kind, v in server.items())
-        + f"; a bulk POST of {client['commands_per_request']} commands "
-        f"{_fmt(client['us_per_request'])} µs ({_fmt(client['us_per_command'], 1)} µs/command).",
-    ]
+    if "error" in fwd:
+        return [f"Forwarder: not measured ({fwd['error'].splitlines()[0]}).", ""]
     parts = []
-    for kind in server:
-        c = ceilings(framework, header.get("floor_us", {}), _commands_per_message(results, kind))
-        parts.append(f"{kind} {_fmt(c[f'{kind}_least_us_per_msg'], 1)} µs/msg "
-                     f"(at most {_fmt(c[f'{kind}_max_msg_per_s_one_core'])} msg/s on one core)")
-    lines += [
-        "Least CPU per message with this stack (server + client + codec floors, no relay "
-        "work): " + "; ".join(parts) + ".",
-        "",
-    ]
-    return lines
+    for kind in ("batch", "single"):
+        if kind in fwd:
+            v = fwd[kind]
+            parts.append(f"{kind} {_fmt(v['us_per_message'], 2)} µs/msg "
+                         f"({_fmt(v['us_per_request'])} µs/request; "
+                         f"{_fmt(v['acked_per_s'])} msg/s acked on {v['connections']} "
+                         "connections)")
+    return ["Forwarder (bench/forwarder.py: asyncio + httptools + msgspec, bulks of 50, "
+            "no journal, state or dedup), same load: " + "; ".join(parts) + ".", ""]
+
+
+def cpu_trend_line(results: list[dict[str, Any]]) -> list[str]:
+    """The batch max-rate phase's relay CPU per message, slice by slice."""
+    for r in results:
+        trend = r.get("metrics", {}).get("cpu_trend")
+        if r["scenario"] == "batch" and trend:
+            width = trend[0]["to_s"] - trend[0]["from_s"]
+            return [f"Batch max-rate relay CPU µs/msg per {_fmt(width, 1)} s: "
+                    + ", ".join(_fmt(w["cpu_us_per_msg"], 1) for w in trend) + ".", ""]
+    return []
 
 
 def summary(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
@@ -104,9 +97,10 @@ def summary(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
         f"Codec floor (msgspec decode intake + encode legacy bulk): "
         + ", ".join(f"{k} {v:.2f} µs/msg" for k, v in header["floor_us"].items()) + ".",
         "",
-        *framework_lines(results, header),
+        *forwarder_lines(header),
         *_table(NUMBERS, [number_row(r) for r in results]),
         "",
+        *cpu_trend_line(results),
         "Targets:",
         "",
     ]

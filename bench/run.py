@@ -1,11 +1,13 @@
 """Run the benchmark scenarios against the real relay and simulator processes.
 
-    python -m bench.run --full                 # the whole suite (make bench), < 10 minutes
+    python -m bench.run --full                 # the whole suite (make bench), < 12 minutes
     python -m bench.run --quick                # smoke version (make bench-quick), < 1 minute
     python -m bench.run --quick --scenario outage --scenario slow-sink
 
-Writes ``bench/results/<scenario>.json`` and ``.png`` for each scenario run,
-and ``bench/results/summary.md`` with the table printed at the end.
+Writes ``<scenario>.json`` and ``.png`` for each scenario run, and
+``summary.md`` with the table printed at the end: into ``bench/results/`` for a
+full run (the numbers the README quotes), into ``bench/results/quick/`` (not
+tracked by git) for a quick one.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ import msgspec
 import trio
 
 from . import plot, report
-from .floor import codec_floor
-from .framework import framework_floor
+from .floor import codec_floor, forwarder_floor
 from .measure import machine
 from .scenarios import (
     BY_NAME,
@@ -42,6 +43,8 @@ from .scenarios import (
 from .stack import Stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Quick runs are smoke tests: kept out of the tracked results a full run writes.
+QUICK_RESULTS = RESULTS / "quick"
 # A safety net per scenario; each wait inside a scenario has its own, shorter bound.
 SCENARIO_LIMIT = {"quick": 90.0, "full": 420.0}
 
@@ -98,7 +101,7 @@ def to_json(result: Result, stack: Stack, header: dict[str, Any]) -> dict[str, A
         "simulator": {"options": ["--counting", *result.sim_options],
                       "command": stack.sim.args},
         "codec_floor": header["floor"],
-        "framework_floor": header["framework"],
+        "forwarder": header["forwarder"],
         "metrics": result.metrics,
         "targets": [c.to_json() for c in result.checks],
         "error": result.error,
@@ -116,8 +119,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument("--quick", action="store_true", help="a smoke version, under a minute")
     p.add_argument("--scenario", action="append", choices=list(BY_NAME), metavar="NAME",
                    help="run only this scenario (repeatable): " + ", ".join(BY_NAME))
-    p.add_argument("--results", type=Path, default=RESULTS, help=f"output folder ({RESULTS})")
-    return p.parse_args(argv)
+    p.add_argument("--results", type=Path, default=None,
+                   help=f"output folder ({RESULTS} for --full, {QUICK_RESULTS} for --quick)")
+    args = p.parse_args(argv)
+    if args.results is None:
+        args.results = QUICK_RESULTS if args.quick else RESULTS
+    return args
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -136,15 +143,17 @@ async def main_async(args: argparse.Namespace) -> int:
                                                                                  "single")}
     header["floor"] = floors
     header["floor_us"] = {k: v["us_per_message"] for k, v in floors.items()}
-    print("bench: framework floor ...", file=sys.stderr, flush=True)
+    print("bench: forwarder ...", file=sys.stderr, flush=True)
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-framework-") as tmp:
-            header["framework"] = await framework_floor(
-                Path(tmp), seconds=plan.framework_seconds,
+        with tempfile.TemporaryDirectory(prefix="bench-forwarder-") as tmp:
+            header["forwarder"] = await forwarder_floor(
+                Path(tmp), seconds=plan.forwarder_seconds,
                 connections={kind: conns[0] for kind, conns in CONNECTIONS.items()})
     except Exception as exc:  # the scenarios still run; the summary says what failed
-        header["framework"] = {"error": _error_text(exc)}
-    ctx = Context(plan=plan, floor_us=header["floor_us"])
+        header["forwarder"] = {"error": _error_text(exc)}
+    header["forwarder_us"] = {kind: header["forwarder"][kind]["us_per_message"]
+                              for kind in CONNECTIONS if kind in header["forwarder"]}
+    ctx = Context(plan=plan, floor_us=header["floor_us"], forwarder_us=header["forwarder_us"])
     outputs: list[dict[str, Any]] = []
     for scenario in chosen:
         t0 = time.monotonic()
