@@ -21,7 +21,7 @@ import psutil  # type: ignore[import-untyped]
 import trio
 
 from router.cli import tune_gc
-from router.http import parse_listen
+from router.config import parse_listen
 from router.server import Request, RequestHead, Response, Route, serve
 
 from .measure import cpu_seconds

@@ -28,9 +28,8 @@ from . import journal, outbox, segment
 from . import store as st
 from .admission import Admission
 from .broadcast import Broadcast
-from .config import Config
+from .config import Config, parse_listen
 from .errors import ConfigError, Rejected, RouterError
-from .http import parse_listen
 from .infinario import V2, Dialect, Legacy
 from .intake import Accepted, Intake, Overloaded
 from .journal import Dedup, Journaled

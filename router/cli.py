@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import trio
 
 from . import config as cfg
-from .errors import ConfigError, RouterError
+from .errors import ConfigError, RouterError, StartupError
 
 PROG = "infinario-router"
 DEFAULT_SIMULATOR_LISTEN = "127.0.0.1:8090"
@@ -207,7 +207,7 @@ def _serve(args: argparse.Namespace) -> int:
     simulator_listen = (args.simulator_listen or os.environ.get("ROUTER_SIMULATOR_LISTEN")
                         or DEFAULT_SIMULATOR_LISTEN)
     if config.simulate:
-        from .http import parse_listen
+        from .config import parse_listen
 
         try:
             parse_listen(simulator_listen)
@@ -285,18 +285,23 @@ async def _run(config: cfg.Config, simulator_listen: str) -> None:
         return
     import structlog
 
-    from .http import parse_listen
+    from .config import parse_listen
     from .simulator import Simulator, run_simulator
 
     host, port = parse_listen(simulator_listen)
     async with trio.open_nursery() as nursery:
         try:
             url = await nursery.start(run_simulator, Simulator(), host, port)
-        except (OSError, BaseExceptionGroup) as exc:
-            failed = [leaf for leaf in _leaves(exc) if isinstance(leaf, OSError)]
+        except (OSError, StartupError, BaseExceptionGroup) as exc:
+            failed = [leaf for leaf in _leaves(exc) if isinstance(leaf, OSError | StartupError)]
             if not failed:
                 raise
-            reason = failed[0].strerror or str(failed[0])
+            leaf = failed[0]
+            if isinstance(leaf, StartupError):
+                # The server names the setting "listen"; here it is the simulator's.
+                raise ConfigError("simulator-" + str(leaf).replace(
+                    "--listen", "--simulator-listen")) from None
+            reason = leaf.strerror or str(leaf)
             raise ConfigError(f"simulator-listen: cannot listen on {simulator_listen}: "
                               f"{reason}") from None
         structlog.get_logger("router").info("simulator listening", url=url,

@@ -24,7 +24,6 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .http import parse_listen
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_INFINARIO_URL = "https://api.infinario.com"
@@ -47,6 +46,14 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 class Size:
     """Marks an ``int`` field whose text form is a size such as ``512MB`` or ``2GiB``."""
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:8080`` for IPv6) into its parts."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -90,6 +90,6 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # hypercorn logs through the standard library; keep its errors, one per line.
+    # Libraries that log through the standard library: their warnings, one per line.
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr,
                         format="%(levelname)s %(name)s %(message)s")

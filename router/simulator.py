@@ -32,8 +32,8 @@ from urllib.parse import parse_qs
 import msgspec
 import trio
 
+from .config import parse_listen
 from .errors import StartupError
-from .http import parse_listen
 from .server import Request, RequestHead, Response, Route, serve
 
 MAX_COMMANDS = 50

@@ -194,13 +194,15 @@ class TestStartupErrors:
             result = cli("serve", "--data-dir", str(tmp_path / "a"), "--write-key", "a=b",
                          "--listen", f"127.0.0.1:{port}")
             assert result.returncode == 2
-            assert error_line(result).startswith(
-                f"infinario-router: listen: cannot listen on 127.0.0.1:{port}: ")
+            assert error_line(result) == (
+                f"infinario-router: listen: 127.0.0.1:{port} is already in use; stop the other "
+                "process or choose another --listen")
             result = cli("serve", "--data-dir", str(tmp_path / "b"), "--simulate",
                          "--listen", "127.0.0.1:0", "--simulator-listen", f"127.0.0.1:{port}")
             assert result.returncode == 2
-            assert error_line(result).startswith(
-                f"infinario-router: simulator-listen: cannot listen on 127.0.0.1:{port}: ")
+            assert error_line(result) == (
+                f"infinario-router: simulator-listen: 127.0.0.1:{port} is already in use; stop "
+                "the other process or choose another --simulator-listen")
 
     def test_bad_simulator_listen_from_the_environment(self, tmp_path: Path) -> None:
         result = cli("serve", "--simulate", "--data-dir", str(tmp_path),
