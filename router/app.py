@@ -245,7 +245,7 @@ def make_dialect(config: Config) -> Dialect:
     return Legacy()
 
 
-async def _startup(router: Router, store: st.Store, lanes: int) -> int:
+async def _startup(router: Router, store: st.Store, lanes: int, dialect: Dialect) -> int:
     """Upgrade old tables, re-deal the outbox, restore dedup and the counters; the spool."""
     config = router.config
     now = router.wall()
@@ -253,8 +253,8 @@ async def _startup(router: Router, store: st.Store, lanes: int) -> int:
     def read(conn: Any) -> tuple[Any, ...]:
         from .migrate import migrate_v1
 
-        migrate_v1(conn, lanes)
-        outbox.relane(conn, lanes, now)
+        migrate_v1(conn, lanes, dialect)
+        outbox.rewrite(conn, lanes=lanes, dialect=dialect, now=now)
         return (st.max_seq(conn, "journal"), st.max_seq(conn, "outbox"),
                 st.max_seq(conn, "dedup"),
                 journal.load_dedup(conn, now - config.dedup_window - router.dedup.slice),
@@ -306,9 +306,10 @@ async def open_router(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
-            spooled = await _startup(router, store, config.concurrency)
+            dialect = make_dialect(config)
+            spooled = await _startup(router, store, config.concurrency, dialect)
             router.sender = Sender(
-                store=store, dialect=make_dialect(config), base_url=config.infinario_url,
+                store=store, dialect=dialect, base_url=config.infinario_url,
                 lanes=config.concurrency, transport=transport,
                 timeout=config.request_timeout, retry_window=config.retry_window,
                 rate_limit=config.effective_rate_limit, metrics=metrics, spool=router.spool,
@@ -320,7 +321,8 @@ async def open_router(
                 session_timeout=config.session_timeout, lanes=config.concurrency,
                 active_customers=config.active_customers, metrics=metrics,
                 offer=router.sender.offer, spool=router.spool, admission=router.admission,
-                outbox_seq=router.outbox_seq, wall=router.wall, changed=router.progress,
+                outbox_seq=router.outbox_seq, wall=router.wall, encode=dialect.encode,
+                changed=router.progress,
             )
             send, receive = trio.open_memory_channel[Journaled](ADMISSION_CAPACITY)
             router._to_partition = send

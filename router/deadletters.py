@@ -21,6 +21,7 @@ from . import outbox
 from . import store as st
 from .commands import decode_command
 from .errors import StartupError
+from .infinario import V2, Dialect, Legacy
 
 
 def _when(value: float) -> str:
@@ -114,8 +115,12 @@ def _replay(conn: sqlite3.Connection, data_dir: Any, where: str, params: list[An
         ).rowcount
         if not running:
             lanes = int(st.meta_get(conn, "lanes", "8") or 8)
-            outbox.replay_marked(conn, next_seq=st.max_seq(conn, "outbox") + 1, lanes=lanes,
-                                 now=time.time())
+            dialect: Dialect = V2({}) if st.meta_get(conn, "dialect") == "v2" else Legacy()
+            letters = outbox.marked(conn)
+            made = outbox.replay_rows(letters, lanes=lanes, dialect=dialect, now=time.time(),
+                                      seqs=st.SeqCounter(st.max_seq(conn, "outbox") + 1))
+            outbox.replay(conn, ids=[letter[0] for letter in letters],
+                          records=[record for record, _ in made])
         conn.execute("COMMIT")
     finally:
         lock.unlock()

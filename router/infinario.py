@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
-from .commands import Encoded
+from .commands import Command
 
 MAX_COMMANDS = 50
 
@@ -25,33 +25,33 @@ _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
 
-# The wire shapes. ``ids`` and ``properties`` arrive encoded and are spliced in.
+# The wire shapes: each command is encoded once, when it is committed to the outbox.
 
 
 class _LegacyEvent(msgspec.Struct, gc=False):
-    customer_ids: msgspec.Raw
+    customer_ids: dict[str, str]
     project_id: str
     type: str | None
-    properties: msgspec.Raw
+    properties: dict[str, Any]
     timestamp: float
 
 
 class _LegacyCustomer(msgspec.Struct, gc=False):
-    ids: msgspec.Raw
+    ids: dict[str, str]
     project_id: str
-    properties: msgspec.Raw
+    properties: dict[str, Any]
 
 
 class _V2Event(msgspec.Struct, gc=False):
-    customer_ids: msgspec.Raw
+    customer_ids: dict[str, str]
     event_type: str | None
     timestamp: float
-    properties: msgspec.Raw
+    properties: dict[str, Any]
 
 
 class _V2Customer(msgspec.Struct, gc=False):
-    customer_ids: msgspec.Raw
-    properties: msgspec.Raw
+    customer_ids: dict[str, str]
+    properties: dict[str, Any]
     update_timestamp: float
 
 
@@ -60,8 +60,19 @@ class _Named(msgspec.Struct, gc=False):
     data: _LegacyEvent | _LegacyCustomer | _V2Event | _V2Customer
 
 
-class _Commands(msgspec.Struct, gc=False):
-    commands: list[_Named]
+class _Wire(msgspec.Struct):
+    """Any dialect's command, read back (dead letters, a changed dialect)."""
+
+    name: str
+    data: dict[str, Any]
+
+
+_wire_decoder = msgspec.json.Decoder(_Wire)
+
+
+def join_body(commands: Sequence[bytes]) -> bytes:
+    """A request body from its commands' wire bytes (both dialects share the envelope)."""
+    return b'{"commands":[' + b",".join(commands) + b"]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +105,11 @@ class Dialect(Protocol):
 
     def url(self, base: str, project: str) -> str: ...
 
-    def body(self, commands: Sequence[Encoded]) -> bytes: ...
+    def encode(self, command: Command) -> bytes:
+        """One command's wire form, the unit a request body joins."""
+
+    def decode(self, wire: bytes, project: str) -> Command:
+        """A command back from its wire form (``project``: the row's, which v2 omits)."""
 
     def headers(self, project: str) -> dict[str, str]: ...
 
@@ -146,16 +161,21 @@ class Legacy:
     def headers(self, project: str) -> dict[str, str]:
         return {"Content-Type": "application/json"}
 
-    def body(self, commands: Sequence[Encoded]) -> bytes:
-        out: list[_Named] = []
-        for c in commands:
-            if c.kind == "event":
-                out.append(_Named("crm/events", _LegacyEvent(
-                    c.ids, c.project, c.event_type, c.properties, c.timestamp)))
-            else:
-                out.append(_Named("crm/customers", _LegacyCustomer(
-                    c.ids, c.project, c.properties)))
-        return _encode(_Commands(out))
+    def encode(self, command: Command) -> bytes:
+        c = command
+        if c.kind == "event":
+            return _encode(_Named("crm/events", _LegacyEvent(
+                c.ids, c.project, c.event_type, c.properties, c.timestamp)))
+        return _encode(_Named("crm/customers", _LegacyCustomer(c.ids, c.project, c.properties)))
+
+    def decode(self, wire: bytes, project: str) -> Command:
+        named = _wire_decoder.decode(wire)
+        data = named.data
+        if named.name == "crm/events":
+            return Command("event", data.get("project_id", project), data["customer_ids"],
+                           data["properties"], data["timestamp"], data.get("type"))
+        return Command("customer", data.get("project_id", project), data["ids"],
+                       data["properties"], 0.0)
 
     def verdict(self, status: int, body: bytes, count: int, retry_after: str | None) -> Verdict:
         transport = _transport_verdict(status, body, retry_after)
@@ -201,17 +221,23 @@ class V2:
             headers["Authorization"] = value
         return headers
 
-    def body(self, commands: Sequence[Encoded]) -> bytes:
-        out: list[_Named] = []
-        for c in commands:
-            if c.kind == "event":
-                out.append(_Named("customers/events", _V2Event(
-                    c.ids, c.event_type, c.timestamp, c.properties)))
-            else:
-                # Commands in one v2 batch run in no guaranteed order:
-                # update_timestamp keeps an older update from winning.
-                out.append(_Named("customers", _V2Customer(c.ids, c.properties, c.timestamp)))
-        return _encode(_Commands(out))
+    def encode(self, command: Command) -> bytes:
+        c = command
+        if c.kind == "event":
+            return _encode(_Named("customers/events", _V2Event(
+                c.ids, c.event_type, c.timestamp, c.properties)))
+        # Commands in one v2 batch run in no guaranteed order: update_timestamp
+        # keeps an older update from winning.
+        return _encode(_Named("customers", _V2Customer(c.ids, c.properties, c.timestamp)))
+
+    def decode(self, wire: bytes, project: str) -> Command:
+        named = _wire_decoder.decode(wire)
+        data = named.data
+        if named.name == "customers/events":
+            return Command("event", project, data["customer_ids"], data["properties"],
+                           data["timestamp"], data.get("event_type"))
+        return Command("customer", project, data["customer_ids"], data["properties"],
+                       data.get("update_timestamp", 0.0))
 
     def verdict(self, status: int, body: bytes, count: int, retry_after: str | None) -> Verdict:
         transport = _transport_verdict(status, body, retry_after)

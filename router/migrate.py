@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import sqlite3
 
-import msgspec
-
 from . import journal, outbox
 from . import store as st
-from .commands import Encoded
+from .commands import decode_command
+from .infinario import Dialect
 
 CHUNK = 500
 
@@ -26,7 +25,7 @@ def _exists(conn: sqlite3.Connection, table: str) -> bool:
     return row is not None
 
 
-def migrate_v1(conn: sqlite3.Connection, lanes: int) -> None:
+def migrate_v1(conn: sqlite3.Connection, lanes: int, dialect: Dialect) -> None:
     if not (_exists(conn, "dedup_v1") or _exists(conn, "outbox_v1")):
         return
     # Journal: a version 1 row is one message; version 2 rows hold a request's messages.
@@ -53,23 +52,17 @@ def migrate_v1(conn: sqlite3.Connection, lanes: int) -> None:
                 next_id += 1
         conn.execute("DROP TABLE dedup_v1")
     if _exists(conn, "outbox_v1"):
-        decoder = msgspec.json.Decoder(Encoded)
-        encode = msgspec.json.Encoder().encode
-        by_lane: dict[int, list[tuple[bytes, float]]] = {}
+        pending = []
+        first = None
         for customer, body, first_at in conn.execute(
             "SELECT customer, body, first_at FROM outbox_v1 ORDER BY seq"
         ).fetchall():
-            command = decoder.decode(body)
-            command.customer = int(customer)
-            by_lane.setdefault(int(customer) % lanes, []).append((encode(command), first_at))
-        seq = st.max_seq(conn, "outbox") + 1
-        records = []
-        for lane, lane_commands in sorted(by_lane.items()):
-            for start in range(0, len(lane_commands), CHUNK):
-                chunk = lane_commands[start:start + CHUNK]
-                records.append((seq, lane, outbox.encode_body(c for c, _ in chunk),
-                                min(at for _, at in chunk)))
-                seq += 1
-        outbox.insert(conn, records)
+            command = decode_command(body)
+            pending.append((int(customer), command.project, dialect.encode(command)))
+            first = first_at if first is None else min(first, first_at)
+        seqs = st.SeqCounter(st.max_seq(conn, "outbox") + 1)
+        made = outbox.rows_for(pending, lanes, first or 0.0, seqs)
+        outbox.insert(conn, [record for record, _ in made])
         st.meta_set(conn, "lanes", str(lanes))
+        st.meta_set(conn, "dialect", dialect.name)
         conn.execute("DROP TABLE outbox_v1")

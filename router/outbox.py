@@ -1,31 +1,33 @@
 """The outbox: commands committed with the customer state that produced them, kept until
 Infinario's answer for each is final.
 
-One row per round and sender lane. Its body is the lane's commands of that round,
-encoded once, in the order the customers produced them; ``done`` marks which of
-them are final (answered ``ok`` or dead-lettered) once some but not all are, so
-a restart sends again only what was not finished. A row is deleted when its last
-command is final: one insert and one delete per row instead of one of each per
-command.
+One row per round, sender lane and project, at most one request's worth of
+commands. Its body holds the commands in the configured dialect's wire form,
+encoded once, in the order the customers produced them, so a request body is a
+join of them. ``done`` marks which of them are final (answered ``ok`` or
+dead-lettered) once some but not all are, so a restart sends again only what
+was not finished. A row is deleted when its last command is final: one insert
+and one delete per row instead of one of each per command.
 
 Lanes are ``customer % lanes``: a customer's commands always travel in one lane,
-in order. A changed lane count re-deals the backlog by customer at start.
+in order. A changed lane count or dialect rewrites the backlog at start.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from . import store as st
-from .commands import Encoded
+from .commands import decode_command
+from .infinario import MAX_COMMANDS, Dialect
 
-_encode = msgspec.json.Encoder().encode
-_commands_decoder = msgspec.json.Decoder(list[Encoded])
+_raw_list = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 @dataclass(slots=True, eq=False)
@@ -34,7 +36,9 @@ class OutboxRow:
 
     seq: int
     lane: int
-    commands: list[Encoded]
+    project: str
+    commands: list[bytes]  # wire form
+    customers: list[int]  # the customer of each command
     first_at: float
     size: int  # bytes the row holds in the spool
     final: bytearray = field(default_factory=bytearray)  # 1 per command answered finally
@@ -48,27 +52,70 @@ class OutboxRow:
 
 
 def encode_body(commands: Iterable[bytes]) -> bytes:
-    """A row's body from its commands' encoded bytes."""
+    """A row's body from its commands' wire bytes."""
     return b"[" + b",".join(commands) + b"]"
 
 
-def decode_body(body: bytes) -> list[Encoded]:
-    return _commands_decoder.decode(body)
+def decode_body(body: bytes) -> list[bytes]:
+    return [bytes(raw) for raw in _raw_list.decode(body)]
 
 
-def row_from_db(seq: int, lane: int, body: bytes, done: bytes | None,
-                first_at: float) -> OutboxRow:
+def pack_customers(customers: Sequence[int]) -> bytes:
+    return array("q", customers).tobytes()
+
+
+def unpack_customers(data: bytes) -> list[int]:
+    return array("q", data).tolist()
+
+
+@dataclass(slots=True)
+class Record:
+    """A row as written: what ``insert`` takes."""
+
+    seq: int
+    lane: int
+    project: str
+    customers: bytes
+    body: bytes
+    first_at: float
+
+
+def rows_for(commands: Sequence[tuple[int, str, bytes]], lanes: int, first_at: float,
+             seqs: st.SeqCounter) -> Iterator[tuple[Record, OutboxRow]]:
+    """``(customer, project, wire)`` commands dealt into rows by lane and project, in
+    order, at most one request's worth per row."""
+    groups: dict[tuple[int, str], tuple[list[bytes], list[int]]] = {}
+    for customer, project, wire in commands:
+        group = groups.get((customer % lanes, project))
+        if group is None:
+            group = groups[(customer % lanes, project)] = ([], [])
+        group[0].append(wire)
+        group[1].append(customer)
+    for (lane, project), (wires, customers) in groups.items():
+        for start in range(0, len(wires), MAX_COMMANDS):
+            chunk = wires[start:start + MAX_COMMANDS]
+            owners = customers[start:start + MAX_COMMANDS]
+            body = encode_body(chunk)
+            seq = seqs.take()
+            yield (Record(seq, lane, project, pack_customers(owners), body, first_at),
+                   OutboxRow(seq, lane, project, chunk, owners, first_at, len(body)))
+
+
+def row_from_db(seq: int, lane: int, project: str, customers: bytes, body: bytes,
+                done: bytes | None, first_at: float) -> OutboxRow:
     commands = decode_body(body)
     final = bytearray(done) if done else bytearray(len(commands))
-    return OutboxRow(seq, lane, commands, first_at, len(body), final)
+    return OutboxRow(seq, lane, project, commands, unpack_customers(customers), first_at,
+                     len(body), final)
 
 
 # --- store operations --------------------------------------------------------------------------
 
 
-def insert(conn: sqlite3.Connection, rows: Sequence[tuple[int, int, bytes, float]]) -> None:
-    """``(seq, lane, body, first_at)`` rows, in one statement or a few."""
-    st.insert_many(conn, "INSERT INTO outbox(seq, lane, body, first_at)", rows)
+def insert(conn: sqlite3.Connection, records: Sequence[Record]) -> None:
+    st.insert_many(conn, "INSERT INTO outbox(seq, lane, project, customers, body, first_at)",
+                   [(r.seq, r.lane, r.project, r.customers, r.body, r.first_at)
+                    for r in records])
 
 
 def progress(conn: sqlite3.Connection, *, finished: Sequence[int],
@@ -89,12 +136,12 @@ def progress(conn: sqlite3.Connection, *, finished: Sequence[int],
         st.delete_seqs(conn, "outbox", finished)
 
 
-def load_lane(conn: sqlite3.Connection, lane: int, after: int,
-              limit: int) -> list[tuple[int, int, bytes, bytes | None, float]]:
-    return conn.execute(
-        "SELECT seq, lane, body, done, first_at FROM outbox WHERE lane = ? AND seq > ? "
-        "ORDER BY seq LIMIT ?", (lane, after, limit),
-    ).fetchall()
+def load_lane(conn: sqlite3.Connection, *, lane: int, after: int,
+              limit: int) -> list[OutboxRow]:
+    return [row_from_db(*row) for row in conn.execute(
+        "SELECT seq, lane, project, customers, body, done, first_at FROM outbox "
+        "WHERE lane = ? AND seq > ? ORDER BY seq LIMIT ?", (lane, after, limit),
+    ).fetchall()]
 
 
 def spool_bytes(conn: sqlite3.Connection) -> int:
@@ -102,62 +149,78 @@ def spool_bytes(conn: sqlite3.Connection) -> int:
     return int(row[0])
 
 
-def deal(commands: Iterable[Encoded], lanes: int) -> dict[int, list[bytes]]:
-    """Commands by lane, each lane's in the given order, encoded."""
-    by_lane: dict[int, list[bytes]] = {}
-    for command in commands:
-        by_lane.setdefault(command.customer % lanes, []).append(_encode(command))
-    return by_lane
-
-
-def relane(conn: sqlite3.Connection, lanes: int, now: float) -> None:
-    """A changed lane count re-deals the unfinished commands by customer, in order.
+def rewrite(conn: sqlite3.Connection, *, lanes: int, dialect: Dialect, now: float) -> None:
+    """At start: re-deal the backlog by customer when the lane count changed, and
+    re-encode it when the dialect changed.
 
     Rows are read in seq order and a customer's commands all sat in one old lane,
     so dealing them again keeps every customer's order.
     """
-    previous = st.meta_get(conn, "lanes")
-    if previous == str(lanes):
+    previous = (st.meta_get(conn, "lanes"), st.meta_get(conn, "dialect"))
+    current = (str(lanes), dialect.name)
+    if previous == current:
         return
-    if previous is not None:
-        pending: list[Encoded] = []
-        first = now
-        for _seq, _lane, body, done, first_at in conn.execute(
-            "SELECT seq, lane, body, done, first_at FROM outbox ORDER BY seq"
-        ).fetchall():
-            first = min(first, first_at)
-            commands = decode_body(body)
-            pending.extend(c for i, c in enumerate(commands) if not done or not done[i])
-        conn.execute("DELETE FROM outbox")
-        seq = 1
-        rows = []
-        for lane, encoded in sorted(deal(pending, lanes).items()):
-            for start in range(0, len(encoded), 500):
-                rows.append((seq, lane, encode_body(encoded[start:start + 500]), first))
-                seq += 1
-        insert(conn, rows)
+    old = _dialect_named(previous[1], dialect)
+    pending: list[tuple[int, str, bytes]] = []
+    first = now
+    for row in [row_from_db(*r) for r in conn.execute(
+            "SELECT seq, lane, project, customers, body, done, first_at FROM outbox "
+            "ORDER BY seq").fetchall()]:
+        first = min(first, row.first_at)
+        for index, wire in enumerate(row.commands):
+            if row.final[index]:
+                continue
+            if old is not dialect:
+                command = old.decode(wire, row.project)
+                if not command.timestamp:
+                    command.timestamp = row.first_at  # legacy updates carry no time
+                wire = dialect.encode(command)
+            pending.append((row.customers[index], row.project, wire))
+    conn.execute("DELETE FROM outbox")
+    insert(conn, [record for record, _ in rows_for(pending, lanes, first, st.SeqCounter())])
     st.meta_set(conn, "lanes", str(lanes))
+    st.meta_set(conn, "dialect", dialect.name)
 
 
-def replay_marked(conn: sqlite3.Connection, *, next_seq: int, lanes: int,
-                  now: float) -> list[OutboxRow]:
-    """Move dead letters marked for replay back into the outbox with fresh retry windows."""
-    marked = conn.execute(
-        "SELECT id, command FROM dead_letters WHERE replay = 1 AND command IS NOT NULL "
-        "ORDER BY id"
+def _dialect_named(name: str | None, current: Dialect) -> Dialect:
+    from .infinario import V2, Legacy
+
+    if name is None or name == current.name:
+        return current
+    return V2({}) if name == "v2" else Legacy()
+
+
+def marked(conn: sqlite3.Connection) -> list[tuple[int, int, bytes]]:
+    """Dead letters marked for replay (``infinario-router dead-letters replay``)."""
+    return conn.execute(
+        "SELECT id, customer, command FROM dead_letters WHERE replay = 1 "
+        "AND command IS NOT NULL ORDER BY id"
     ).fetchall()
-    if not marked:
-        return []
-    by_lane = deal((msgspec.json.decode(body, type=Encoded) for _, body in marked), lanes)
-    rows: list[OutboxRow] = []
-    records = []
-    for lane, encoded in sorted(by_lane.items()):
-        body = encode_body(encoded)
-        records.append((next_seq, lane, body, now))
-        rows.append(OutboxRow(next_seq, lane, decode_body(body), now, len(body)))
-        next_seq += 1
+
+
+def replay_rows(letters: Sequence[tuple[int, int, bytes]], *, lanes: int, dialect: Dialect,
+                now: float, seqs: st.SeqCounter) -> list[tuple[Record, OutboxRow]]:
+    """Outbox rows for dead letters, with fresh retry windows."""
+    commands = []
+    for _, customer, body in letters:
+        command = decode_command(body)
+        commands.append((int(customer), command.project, dialect.encode(command)))
+    return list(rows_for(commands, lanes, now, seqs))
+
+
+def replay(conn: sqlite3.Connection, *, ids: Sequence[int], records: Sequence[Record]) -> bool:
+    """Move the dead letters ``ids`` into the outbox as ``records``, all or nothing: False
+    when one of them was purged or unmarked meanwhile."""
+    still = 0
+    for part in st.in_chunks(ids):
+        marks = ",".join("?" * len(part))
+        still += conn.execute(
+            f"SELECT COUNT(*) FROM dead_letters WHERE replay = 1 AND id IN ({marks})",
+            part).fetchone()[0]
+    if still != len(ids):
+        return False
     insert(conn, records)
-    for part in st.in_chunks([dead_id for dead_id, _ in marked]):
+    for part in st.in_chunks(ids):
         conn.execute(f"DELETE FROM dead_letters WHERE id IN ({','.join('?' * len(part))})",
                      part)
-    return rows
+    return True

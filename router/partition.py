@@ -38,7 +38,7 @@ from . import journal, outbox
 from . import store as st
 from .admission import Admission
 from .broadcast import Broadcast
-from .commands import Encoded, encode_command
+from .commands import Command
 from .customer import (
     CHANGES_STATE,
     CustomerState,
@@ -50,7 +50,6 @@ from .customer import (
     turn,
 )
 from .identity import Changes, Identity, lookup_keys
-from .infinario import MAX_COMMANDS
 from .journal import Journaled
 from .mapping import EventPolicy, LimitExceeded, Limits, Schema
 from .metrics import Metrics
@@ -103,8 +102,9 @@ class Round:
     journal_seqs: list[int] = field(default_factory=list)
     journal_bytes: int = 0
     messages: int = 0
-    commands: list[Encoded] = field(default_factory=list)
+    commands: list[tuple[int, str, bytes]] = field(default_factory=list)  # customer, project, wire
     refused: list[tuple[str, int, bytes, str, str]] = field(default_factory=list)
+    processed: dict[str, int] = field(default_factory=dict)  # messages by type
 
 
 @dataclass(slots=True, kw_only=True)
@@ -117,7 +117,7 @@ class _Prepared:
     ids: list[tuple[str, str, int]]
     unlinked: list[tuple[str, str]]
     schema: list[tuple[str, str, str, str]]
-    rows: list[tuple[int, int, bytes, float]]
+    rows: list[outbox.Record]
     refused: list[tuple[Any, ...]]
     next_key: int
 
@@ -141,6 +141,7 @@ class Partition:
         admission: Admission,
         outbox_seq: st.SeqCounter,
         wall: Callable[[], float],
+        encode: Callable[[Command], bytes],
         changed: Broadcast | None = None,
     ) -> None:
         self.store = store
@@ -156,6 +157,7 @@ class Partition:
         self.admission = admission
         self.outbox_seq = outbox_seq
         self.wall = wall
+        self.encode = encode  # a command's wire form, in the configured dialect
         self.identity = Identity()
         self.schemas: dict[str, Schema] = {}
         self.states: dict[int, CustomerState] = {}
@@ -423,8 +425,11 @@ class Partition:
             # and rewriting it for every track would double the writes.
             changes.dirty[state.key] = state
         key = state.key
-        round_.commands.extend(encode_command(command, key) for command in commands)
-        self.metrics.inc("messages_processed_total", type=message["type"])
+        encode = self.encode
+        round_.commands.extend((key, project, encode(command)) for command in commands)
+        processed = round_.processed
+        kind = message["type"]
+        processed[kind] = processed.get(kind, 0) + 1
 
     def _expire(self, key: int, now: float, round_: Round) -> None:
         """A session deadline fell due: close it, or re-arm if activity moved it."""
@@ -451,12 +456,16 @@ class Partition:
             log.warning("session_end refused", code=exc.code, reason=exc.reason,
                         customer=key)
             return
-        round_.commands.append(encode_command(command, key))
+        round_.commands.append((key, state.project, self.encode(command)))
         self.metrics.inc("sessions_ended_total")
 
     def _count(self, round_: Round) -> None:
+        """Count a round's work once per round: a counter update per message cost
+        as much as some of the turns."""
         changes = round_.changes
         metrics = self.metrics
+        for kind, count in round_.processed.items():
+            metrics.inc("messages_processed_total", count, type=kind)
         if changes.created:
             metrics.inc("customers_created_total", changes.created)
         if changes.merged:
@@ -472,24 +481,7 @@ class Partition:
         """Encode everything the round wrote, here in the trio thread, as it is now."""
         timeout = self.session_timeout
         changes = round_.changes
-        rows: list[OutboxRow] = []
-        records = []
-        by_lane: dict[int, list[Encoded]] = {}
-        lanes = self.lanes
-        for command in round_.commands:
-            lane_commands = by_lane.get(command.customer % lanes)
-            if lane_commands is None:
-                lane_commands = by_lane[command.customer % lanes] = []
-            lane_commands.append(command)
-        for lane, commands in by_lane.items():
-            # A row is at most one request's worth: what a lane holds in memory is
-            # then bounded in commands, whatever the size of the round.
-            for start in range(0, len(commands), MAX_COMMANDS):
-                chunk = commands[start:start + MAX_COMMANDS]
-                body = outbox.encode_body(map(_json_encode, chunk))
-                seq = self.outbox_seq.take()
-                records.append((seq, lane, body, now))
-                rows.append(OutboxRow(seq, lane, chunk, now, len(body)))
+        made = list(outbox.rows_for(round_.commands, self.lanes, now, self.outbox_seq))
         refused = [
             (now, project, customer, origin, _json_encode([f"{code}: {reason}"]).decode(),
              now, now)
@@ -506,11 +498,11 @@ class Partition:
             schema=[(project, kind, event_type, key)
                     for project, schema in self.schemas.items()
                     for kind, event_type, key in schema.drain_new()],
-            rows=records,
+            rows=[record for record, _ in made],
             refused=refused,
             next_key=self.next_key,
         )
-        return prepared, rows
+        return prepared, [row for _, row in made]
 
     def _trim(self) -> None:
         """Hibernate the least recently used customers past the cache size."""

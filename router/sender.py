@@ -34,11 +34,12 @@ import trio
 from . import outbox
 from . import store as st
 from .broadcast import Broadcast
-from .commands import Encoded
-from .infinario import MAX_COMMANDS, Dialect, Verdict
+from .commands import encode_command
+from .infinario import MAX_COMMANDS, Dialect, Verdict, join_body
 from .metrics import Metrics
 from .outbox import OutboxRow
 from .spool import Spool
+from .transport import Prepared, Transport
 
 log = structlog.get_logger("router.sender")
 
@@ -210,6 +211,7 @@ class Sender:
         self._answers_ready = trio.Event()
         self._retiring = False
         self._auth_reported: set[str] = set()
+        self._prepared: dict[str, Prepared] = {}
 
     # --- the customers stage's side --------------------------------------------------------
 
@@ -307,8 +309,8 @@ class Sender:
         limit = max(1, self.window // MAX_COMMANDS)
         rows = await self.store.call(partial(outbox.load_lane, lane=lane.index, after=after,
                                              limit=limit))
-        for seq, index, body, done, first_at in rows:
-            self._hold(lane, outbox.row_from_db(seq, index, body, done, first_at))
+        for row in rows:
+            self._hold(lane, row)
         if len(rows) < limit and lane.loaded_upto >= lane.backlog_upto:
             lane.backlog_on_disk = False
 
@@ -317,32 +319,30 @@ class Sender:
         batch: list[tuple[OutboxRow, int]] = []
         project = None
         for row in lane.rows:
+            if not row.remaining:
+                continue
+            if project is None:
+                project = row.project
+            elif row.project != project:
+                return batch
             final = row.final
-            for position, command in enumerate(row.commands):
+            for position in range(len(row.commands)):
                 if final[position]:
                     continue
-                if project is None:
-                    project = command.project
-                elif command.project != project:
-                    return batch
                 batch.append((row, position))
                 if len(batch) == MAX_COMMANDS:
                     return batch
         return batch
 
     async def _send(self, lane: Lane, batch: list[tuple[OutboxRow, int]]) -> None:
-        commands: list[Encoded] = [row.commands[position] for row, position in batch]
-        project = commands[0].project
+        commands = [row.commands[position] for row, position in batch]
+        project = batch[0][0].project
         if self.bucket is not None:
             await self.bucket.acquire()
         for row in {id(row): row for row, _ in batch}.values():
             row.attempts += 1
         try:
-            status, content, retry_after = await self._post(
-                self.dialect.url(self.base_url, project),
-                self.dialect.headers(project),
-                self.dialect.body(commands),
-            )
+            status, content, retry_after = await self._post(project, join_body(commands))
             verdict = self.dialect.verdict(status, content, len(batch), retry_after)
         except httpx.HTTPError as exc:
             verdict = Verdict(retry=True, reason=f"{type(exc).__name__}: {exc}")
@@ -361,11 +361,13 @@ class Sender:
             self._finalize(lane, *batch[position])
         for position, fate, reason in decided.dead:
             row, index = batch[position]
-            command = row.commands[index]
+            command = self.dialect.decode(row.commands[index], row.project)
             self._answers.dead.append(
-                (now, command.project, command.customer, _json_encode(command), fate,
+                (now, row.project, row.customers[index], encode_command(command), fate,
                  _json_encode([reason]).decode(), row.attempts, row.first_at, now))
             self.metrics.inc("dead_letters_total", status=fate)
+            log.error("command dead-lettered", status=fate, reason=reason,
+                      type=command.event_type, kind=command.kind)
             self._finalize(lane, row, index)
         self._answers_ready.set()
         if decided.backoff:
@@ -402,22 +404,28 @@ class Sender:
         elif decided.outcome == "refused":
             log.error("Infinario refused the request; dead-lettering its commands",
                       reason=verdict.reason, count=len(batch))
-        for position, status, reason in decided.dead:
-            command = batch[position][0].commands[batch[position][1]]
-            log.error("command dead-lettered", status=status, reason=reason,
-                      type=command.event_type, kind=command.kind)
 
-    async def _post(
-        self, url: str, headers: dict[str, str], body: bytes
-    ) -> tuple[int, bytes, str | None]:
+    async def _post(self, project: str, body: bytes) -> tuple[int, bytes, str | None]:
         """One POST straight through the transport: status, body, Retry-After.
 
         A client would add cookies, redirects, auth flows and event hooks that
-        Infinario's API never uses, at a cost that showed in every request.
+        Infinario's API never uses, at a cost that showed in every request. The
+        relay's own transport takes a request head built once per project.
         """
-        request = httpx.Request("POST", url, headers=headers, content=body,
+        transport = self.transport
+        if isinstance(transport, Transport):
+            prepared = self._prepared.get(project)
+            if prepared is None:
+                prepared = self._prepared[project] = transport.prepare_post(httpx.Request(
+                    "POST", self.dialect.url(self.base_url, project),
+                    headers=self.dialect.headers(project)))
+            status, content, retry_after = await transport.post(prepared, body, self._timeout)
+            return status, content, None if retry_after is None else retry_after.decode(
+                "latin-1")
+        request = httpx.Request("POST", self.dialect.url(self.base_url, project),
+                                headers=self.dialect.headers(project), content=body,
                                 extensions={"timeout": self._timeout})
-        response = await self.transport.handle_async_request(request)
+        response = await transport.handle_async_request(request)
         try:
             content = await response.aread()
         finally:
@@ -465,14 +473,19 @@ class Sender:
         """Pick up dead letters marked for replay by ``infinario-router dead-letters replay``."""
         while True:
             await trio.sleep(interval)
-            # Each lane gets at most one row: reserve that many sequence numbers.
-            first = seqs.take(len(self.lanes))
-            rows = await self.store.call(partial(
-                outbox.replay_marked, next_seq=first, lanes=len(self.lanes), now=self.wall()))
-            if rows:
-                log.info("dead letters replayed", count=sum(len(r.commands) for r in rows))
-                self.spool.add(sum(row.size for row in rows))
-                for row in rows:
+            letters = await self.store.call(outbox.marked)
+            if not letters:
+                continue
+            # Rows are numbered here, in the trio thread, like every other outbox row.
+            made = outbox.replay_rows(letters, lanes=len(self.lanes), dialect=self.dialect,
+                                      now=self.wall(), seqs=seqs)
+            moved = await self.store.call(partial(
+                outbox.replay, ids=[letter[0] for letter in letters],
+                records=[record for record, _ in made]))
+            if moved:
+                log.info("dead letters replayed", count=len(letters))
+                self.spool.add(sum(row.size for _, row in made))
+                for _, row in made:
                     self.offer(row)
 
 

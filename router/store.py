@@ -10,8 +10,8 @@ is rolled back and its operations run again one transaction each.
 Tables (schema version 2):
     journal        one row per accepted request: its messages, not yet turned into commands
     dedup          one row per accepted request: its messageIds, kept for the dedup window
-    outbox         one row per round and sender lane: encoded commands not yet answered
-                   finally, with which of them are done
+    outbox         one row per round, sender lane and project: wire-encoded commands not
+                   yet answered finally, with which of them are done
     customers      hibernated customer state, with the open session's deadline
     ids            (project, id) -> customer
     schema         event types and property keys Infinario already knows, per project
@@ -49,8 +49,8 @@ CREATE TABLE IF NOT EXISTS journal(
 CREATE TABLE IF NOT EXISTS dedup(
     id INTEGER PRIMARY KEY, at REAL NOT NULL, write_key TEXT NOT NULL, ids BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox(
-    seq INTEGER PRIMARY KEY, lane INTEGER NOT NULL, body BLOB NOT NULL, done BLOB,
-    first_at REAL NOT NULL);
+    seq INTEGER PRIMARY KEY, lane INTEGER NOT NULL, project TEXT NOT NULL,
+    customers BLOB NOT NULL, body BLOB NOT NULL, done BLOB, first_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS outbox_lane ON outbox(lane, seq);
 CREATE TABLE IF NOT EXISTS customers(
     key INTEGER PRIMARY KEY, state BLOB NOT NULL, deadline REAL);

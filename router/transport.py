@@ -22,6 +22,7 @@ import select
 import ssl
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 
 import httptools
 import httpx
@@ -131,6 +132,15 @@ class _Response:
         self.keep_alive = self.parser.should_keep_alive()
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A POST target with its request head built (see ``Transport.prepare_post``)."""
+
+    key: _Key
+    head: bytes  # request line and headers, ending with "Content-Length: "
+    request: httpx.Request  # names the target in errors
+
+
 class Transport(httpx.AsyncBaseTransport):
     """HTTP/1.1 over pooled trio sockets, behind httpx's transport interface."""
 
@@ -193,6 +203,19 @@ class Transport(httpx.AsyncBaseTransport):
         data = self._head(request, body) + body
         head_only = request.method == "HEAD"
 
+        answer = await self._roundtrip(key, data, head_only, timeouts, request)
+        return httpx.Response(
+            answer.status,
+            headers=answer.headers,
+            content=b"".join(answer.body),
+            request=request,
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": answer.reason},
+        )
+
+    async def _roundtrip(self, key: _Key, data: bytes, head_only: bool,
+                         timeouts: dict[str, float | None], request: httpx.Request,
+                         ) -> _Response:
+        """Send ``data`` on a pooled connection and read the whole answer."""
         conn = await self._acquire(key, timeouts.get("pool"), request)
         try:
             if conn is None:
@@ -223,13 +246,39 @@ class Transport(httpx.AsyncBaseTransport):
         keep = answer.keep_alive and not answer.until_close and not answer.extra \
             and request.headers.get("connection", "").lower() != "close"
         self._put_back(key, conn, keep)
-        return httpx.Response(
-            answer.status,
-            headers=answer.headers,
-            content=b"".join(answer.body),
-            request=request,
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": answer.reason},
-        )
+        return answer
+
+    def prepare_post(self, request: httpx.Request) -> Prepared:
+        """A POST to ``request``'s URL with its headers, ready to carry many bodies.
+
+        The relay posts to a handful of URLs all day: building the request line
+        and headers once, and skipping httpx's request and response objects,
+        saves more CPU per request than the rest of the exchange costs.
+        """
+        url = request.url
+        if url.scheme not in _DEFAULT_PORTS:
+            raise httpx.UnsupportedProtocol(
+                f"unsupported URL scheme {url.scheme!r} in {url}; use http or https",
+                request=request)
+        key = (url.scheme, url.host, url.port or _DEFAULT_PORTS[url.scheme])
+        head = self._head(request, b"").removesuffix(b"\r\n\r\n")
+        # Content-Length comes last, per body.
+        head = b"\r\n".join(line for line in head.split(b"\r\n")
+                             if not line.lower().startswith(b"content-length:"))
+        return Prepared(key, head + b"\r\nContent-Length: ", request)
+
+    async def post(self, prepared: Prepared, body: bytes,
+                   timeouts: dict[str, float | None]) -> tuple[int, bytes, bytes | None]:
+        """POST ``body`` as ``prepared`` says: status, answer body, Retry-After."""
+        if self._closed:
+            raise RuntimeError("the transport is closed; create a new one to send requests")
+        data = b"%s%d\r\n\r\n%s" % (prepared.head, len(body), body)
+        answer = await self._roundtrip(prepared.key, data, False, timeouts, prepared.request)
+        retry_after = None
+        for name, value in answer.headers:
+            if name.lower() == b"retry-after":
+                retry_after = value
+        return answer.status, b"".join(answer.body), retry_after
 
     def _head(self, request: httpx.Request, body: bytes) -> bytes:
         url = request.url
