@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench bench-quick clean
+.PHONY: run test test-slow lint typecheck bench bench-quick clean
 
 # The stamp is written only after a complete install and removed before a new
 # one starts, so a venv without it was left half-installed and is rebuilt from
@@ -27,6 +27,10 @@ test: $(STAMP)
 	$(BIN)/ruff check router tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+
+# Long repetitions left out of `make test`: 20 kill -9 runs at random moments.
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check router tests bench

@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 
 from . import segment
+from .failpoints import crash_point
 
 GENERATIONS = 8  # slices per window: memory holds at most 1/8 of a window beyond it
 
@@ -223,6 +224,7 @@ def append(conn: sqlite3.Connection, *, seq: int, write_key: str, body: bytes, d
     """Journal one request and record its messageIds for dedup (one writer op)."""
     conn.execute("INSERT INTO journal(seq, write_key, body) VALUES(?, ?, ?)",
                  (seq, write_key, body))
+    crash_point("journal-append")
     conn.execute("INSERT INTO dedup(id, at, write_key, ids) VALUES(?, ?, ?, ?)",
                  (dedup_row, now, write_key, ids))
 

@@ -29,9 +29,8 @@ def migrate_v1(conn: sqlite3.Connection, lanes: int, dialect: Dialect) -> None:
     if not (_exists(conn, "dedup_v1") or _exists(conn, "outbox_v1")):
         return
     # Journal: a version 1 row is one message; version 2 rows hold a request's messages.
-    for seq, body in conn.execute(
-        "SELECT seq, body FROM journal WHERE substr(body, 1, 9) != '{\"items\"'"
-    ).fetchall():
+    # The whole upgrade is one transaction, so no row is wrapped twice.
+    for seq, body in conn.execute("SELECT seq, body FROM journal").fetchall():
         conn.execute("UPDATE journal SET body = ? WHERE seq = ?",
                      (journal.encode_row([bytes(body)]), seq))
     if _exists(conn, "dedup_v1"):

@@ -25,6 +25,7 @@ import msgspec
 
 from . import store as st
 from .commands import decode_command
+from .failpoints import crash_point
 from .infinario import MAX_COMMANDS, Dialect
 
 _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
@@ -132,6 +133,7 @@ def progress(conn: sqlite3.Connection, *, finished: Sequence[int],
         )
     if partial:
         conn.executemany("UPDATE outbox SET done = ? WHERE seq = ?", partial)
+    crash_point("outbox-progress")
     if finished:
         st.delete_seqs(conn, "outbox", finished)
 

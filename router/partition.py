@@ -49,6 +49,7 @@ from .customer import (
     state_encoder,
     turn,
 )
+from .failpoints import crash_point
 from .identity import Changes, Identity, lookup_keys
 from .journal import Journaled
 from .mapping import EventPolicy, LimitExceeded, Limits, Schema
@@ -528,6 +529,7 @@ def _commit(conn: sqlite3.Connection, *, prepared: _Prepared) -> None:
         conn.executemany("DELETE FROM ids WHERE project = ? AND id = ?", prep.unlinked)
     st.insert_many(conn, "INSERT OR IGNORE INTO schema(project, kind, event_type, key)",
                    prep.schema)
+    crash_point("round-commit")
     outbox.insert(conn, prep.rows)
     if prep.refused:
         conn.executemany(

@@ -295,6 +295,9 @@ def validation_adds_only_time(item: Any) -> bool:
     return True
 
 
+_TIME_MEMBER = b',"' + TIME_KEY.encode() + b'":'
+
+
 def with_time(raw: bytes, at: float) -> bytes:
     """A JSON object's bytes with ``"_time": at`` added as its last key."""
-    return b"%s,\"%s\":%r}" % (raw.rstrip()[:-1], TIME_KEY.encode(), at)
+    return b"".join((raw[:raw.rindex(b"}")], _TIME_MEMBER, repr(at).encode(), b"}"))

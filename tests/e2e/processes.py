@@ -17,7 +17,9 @@ class RelayProcess:
     """``python -m router serve`` on an ephemeral port; its URL is read from its log."""
 
     def __init__(self, data_dir: Path, infinario_url: str, *extra: str,
-                 write_key: str = "crash-key=crash-project") -> None:
+                 write_key: str = "crash-key=crash-project",
+                 env: dict[str, str] | None = None) -> None:
+        self.env = env or {}
         self.args = [
             sys.executable, "-m", "router", "serve", "--listen", "127.0.0.1:0",
             "--infinario-url", infinario_url, "--write-key", write_key,
@@ -29,7 +31,7 @@ class RelayProcess:
         self._started = threading.Event()
 
     def start(self, timeout: float = 30.0) -> str:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      text=True, env=env)
         assert self.proc.stderr is not None
