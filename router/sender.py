@@ -337,6 +337,7 @@ class Sender:
             await self.bucket.acquire()
         for row in {id(row): row for row, _ in batch}.values():
             row.attempts += 1
+        started = trio.current_time()
         try:
             status, content, retry_after = await self._post(
                 self.dialect.url(self.base_url, project),
@@ -350,6 +351,8 @@ class Sender:
         decided = plan(verdict, [row.first_at for row, _ in batch], now=now,
                        retry_window=self.retry_window)
         self.metrics.inc("infinario_requests_total", outcome=decided.outcome)
+        self.metrics.observe("infinario_request_seconds", trio.current_time() - started,
+                             outcome=decided.outcome)
         if decided.outcome == "answered" and (not decided.retry or decided.done):
             self._answering.fire()
         if decided.done:
@@ -365,7 +368,7 @@ class Sender:
             self._answers.dead.append(
                 (now, command.project, command.customer, _json_encode(command), fate,
                  _json_encode([reason]).decode(), row.attempts, row.first_at, now))
-            self.metrics.inc("dead_letters_total", status=fate)
+            self.metrics.inc("dead_letters_total", reason=fate)
             self._finalize(lane, row, index)
         self._answers_ready.set()
         if decided.backoff:
@@ -382,6 +385,7 @@ class Sender:
             return
         self._answers.partial.pop(row.seq, None)
         self._answers.finished.append(row)
+        self.metrics.observe("delivery_lag_seconds", self.wall() - row.first_at)
         rows = lane.rows
         while rows and not rows[0].remaining:
             rows.popleft()
