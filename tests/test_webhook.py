@@ -6,9 +6,13 @@ import gzip
 import hashlib
 import hmac
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+
+from router import config as cfg
 
 from .conftest import WRITE_KEY, Relay
 from .test_intake import KB, assert_error, basic, track
@@ -167,3 +171,38 @@ class TestSignature:
     async def test_secret_is_never_shown(self, relay: Relay) -> None:
         assert relay.router.config.redacted()["webhook_secret"] == "***"
         assert SECRET not in (await relay.client.get("/metrics")).text
+
+
+class TestSettings:
+    """The secret and the admin address come from flags, the environment or the TOML file."""
+
+    def test_sources(self, tmp_path: Path) -> None:
+        path = tmp_path / "r.toml"
+        path.write_text('webhook_secret = "from-file"\nadmin_listen = "127.0.0.1:9091"\n')
+        from_toml = cfg.load(toml=cfg.read_toml(path), env={})
+        assert (from_toml.webhook_secret, from_toml.admin_listen) == ("from-file",
+                                                                      "127.0.0.1:9091")
+        from_env = cfg.load(toml=cfg.read_toml(path), env={
+            "ROUTER_WEBHOOK_SECRET": "from-env", "ROUTER_ADMIN_LISTEN": "127.0.0.1:9092"})
+        assert (from_env.webhook_secret, from_env.admin_listen) == ("from-env",
+                                                                    "127.0.0.1:9092")
+        from_flags = cfg.load(env={}, flags={"webhook_secret": "flag",
+                                             "admin_listen": "0.0.0.0:9093"})
+        assert (from_flags.webhook_secret, from_flags.admin_listen) == ("flag", "0.0.0.0:9093")
+        assert cfg.load(env={}).admin_listen is None
+
+
+class TestSecretNotLogged:
+    """Neither a start nor a refused signature puts the secret in a log line."""
+
+    @pytest.fixture
+    def relay_options(self) -> dict[str, Any]:
+        return {"webhook_secret": SECRET}
+
+    async def test_logs(self, relay: Relay) -> None:
+        with structlog.testing.capture_logs() as logs:
+            response = await relay.client.post("/v1/webhook", json=track(1),
+                                               headers={**basic(WRITE_KEY), "X-Signature": "x"})
+            assert response.status_code == 401
+            relay.router.stop()
+        assert SECRET not in repr(logs)
