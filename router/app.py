@@ -26,10 +26,11 @@ import trio
 
 from . import journal, outbox, segment
 from . import store as st
+from .admin import INTAKE_ALONE, INTAKE_WITH_ADMIN, Admin
 from .admission import Admission
 from .broadcast import Broadcast
 from .config import Config, parse_listen
-from .errors import ConfigError, Rejected, RouterError
+from .errors import ConfigError, Rejected, RouterError, StartupError
 from .infinario import V2, Dialect, Legacy
 from .intake import Accepted, Intake, Overloaded
 from .journal import Dedup, Journaled
@@ -65,6 +66,7 @@ class Router:
         self.metrics = metrics
         self.state = State.STARTING
         self.url: str | None = None
+        self.admin_url: str | None = None
         self.spool = Spool(config.spool_cap)
         self.admission = Admission(ADMISSION_CAPACITY)
         self.dedup = Dedup(config.dedup_window)
@@ -192,6 +194,18 @@ class Router:
                          for project, schema in self.partition.schemas.items()},
         }
 
+    def readiness(self) -> str | None:
+        """Why the relay would refuse work now (draining, saturated, cannot write), or None."""
+        if self.state is not State.RUNNING:
+            return f"the relay is {self.state.value}"
+        if self.spool.full:
+            return "spool is over its disk cap"
+        if self.admission.used >= self.admission.capacity:
+            return "pipeline is full"
+        if self.store.write_error is not None:
+            return f"cannot write to the data dir: {self.store.write_error}"
+        return None
+
     def health(self) -> dict[str, Any]:
         status = "ok" if self.state is State.RUNNING else self.state.value
         return {"status": status, "spool_bytes": self.spool.bytes,
@@ -280,7 +294,8 @@ async def open_router(
     """Start the pipeline in a nursery of its own for the ``async with`` block.
 
     With ``http=True`` the Segment HTTP intake listens on ``config.listen`` (port 0
-    picks a free one; ``router.url`` says which). On exit the router stops taking
+    picks a free one; ``router.url`` says which). With ``config.admin_listen`` set,
+    the operator endpoints listen there (``router.admin_url``). On exit the router stops taking
     work, drains for ``config.grace`` seconds and persists; undelivered commands
     stay in the outbox for the next start.
     """
@@ -331,11 +346,16 @@ async def open_router(
             nursery.start_soon(router.sender.watch_replays, router.outbox_seq)
             nursery.start_soon(_sweep_dedup, router)
             _gauges(router)
+            if config.admin_listen is not None:
+                router.admin_url = await _serve_admin(nursery, router, config.admin_listen)
             if http:
                 host, port = parse_listen(config.listen)
-                router.url = await nursery.start(serve_http, Intake(router), host, port)
+                intake = Intake(router, webhook_secret=config.webhook_secret,
+                                operator_paths=INTAKE_ALONE if config.admin_listen is None
+                                else INTAKE_WITH_ADMIN)
+                router.url = await nursery.start(serve_http, intake, host, port)
             router.state = State.RUNNING
-            log.info("router started", url=router.url, api=config.api,
+            log.info("router started", url=router.url, admin_url=router.admin_url, api=config.api,
                      data_dir=str(config.data_dir), recovered_spool_bytes=spooled)
             try:
                 yield router
@@ -353,6 +373,20 @@ async def open_router(
         log.info("router stopped")
 
 
+async def _serve_admin(nursery: trio.Nursery, router: Router, listen: str) -> str:
+    host, port = parse_listen(listen)
+    try:
+        url: str = await nursery.start(serve_http, Admin(router), host, port)
+    except (StartupError, BaseExceptionGroup) as exc:
+        error = exc if isinstance(exc, StartupError) else _router_error(exc)
+        if not isinstance(error, StartupError):
+            raise
+        # The server names the setting "listen"; here it is the admin listener's.
+        raise StartupError("admin-" + str(error).replace("--listen", "--admin-listen")) \
+            from None
+    return url
+
+
 def _gauges(router: Router) -> None:
     m = router.metrics
     m.gauge("spool_bytes", "Bytes of journal and outbox not yet finished",
@@ -365,7 +399,8 @@ def _gauges(router: Router) -> None:
     m.gauge("session_timers", "Open sessions with a pending deadline",
             lambda: len(router.partition.timers))
     m.gauge("dedup_ids", "messageIds remembered for dedup", lambda: len(router.dedup))
-    m.gauge("journal_commits", "Store transactions committed", lambda: router.store.commits)
+    m.counter_reader("store_commits_total", "Store transactions committed",
+                     lambda: router.store.commits)
 
 
 async def _sweep_dedup(router: Router) -> None:

@@ -82,6 +82,12 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--active-customers", help="customers kept in memory (100000)")
     p.add_argument("--lane-window", help="commands each sender lane keeps in memory (500)")
     p.add_argument("--linger", help="seconds a lane waits to fill a request (0.05)")
+    p.add_argument("--admin-listen", metavar="HOST:PORT",
+                   help="serve /metrics, /report, /ready and /health here instead of on the "
+                   "intake (off unless set)")
+    p.add_argument("--webhook-secret", metavar="SECRET",
+                   help="shared secret of Segment's webhook destination: /v1/webhook then "
+                   "requires a valid X-Signature")
     p.add_argument("--simulate", action="store_const", const=True,
                    help="run the built-in Infinario simulator and deliver to it")
     p.add_argument("--simulator-listen",

@@ -91,6 +91,10 @@ class Config:
     lane_window: int = 500
     # Seconds a lane waits for a fuller request when it has fewer than 50 commands.
     linger: float = 0.05
+    # HOST:PORT of the operator endpoints (/metrics, /report, /ready, /health); None: off.
+    admin_listen: str | None = None
+    # Shared secret of Segment's webhook destination: /v1/webhook then needs X-Signature.
+    webhook_secret: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.data_dir, Path):
@@ -120,7 +124,7 @@ class Config:
                 value = {fingerprint(k): fingerprint(v) for k, v in value.items()}
             elif f.name == "project_auth":
                 value = {fingerprint(k): "***" for k in value}
-            elif f.name == "infinario_auth":
+            elif f.name in ("infinario_auth", "webhook_secret"):
                 value = None if value is None else "***"
             elif f.name == "infinario_url":
                 value = redact_url(value)
@@ -176,6 +180,14 @@ def validate(config: Config) -> None:
         parse_listen(config.listen)
     except ValueError as exc:
         raise ConfigError(f"listen: {exc}") from None
+    if config.admin_listen is not None:
+        try:
+            parse_listen(config.admin_listen)
+        except ValueError as exc:
+            raise ConfigError(f"admin-listen: {exc}") from None
+    if config.webhook_secret is not None and not config.webhook_secret:
+        # Only the fact is said: the value is a secret.
+        raise ConfigError("webhook-secret: must not be empty")
     _validate_url(config.infinario_url)
     _choice("api", config.api, ("legacy", "v2"))
     for key, token in config.write_keys.items():

@@ -277,6 +277,7 @@ class Partition:
                     # Never expected (intake wrote it), but one unreadable row must
                     # not keep the relay from starting: set it aside as a dead letter.
                     log.error("unreadable journal row set aside", seq=seq, error=str(exc))
+                    self.metrics.inc("dead_letters_total", reason="unreadable")
                     await self.store.call(partial(journal.set_aside, seq=seq, body=body,
                                                   reason=str(exc), now=self.wall()))
                     self.spool.add(-len(body))
@@ -409,7 +410,7 @@ class Partition:
             had_session = state.session_start is not None
             commands = turn(state, message, ctx)
         except LimitExceeded as exc:
-            self.metrics.inc("messages_refused_total", code=exc.code)
+            self.metrics.inc("messages_refused_total", reason=exc.code)
             log.warning("message refused", code=exc.code, reason=exc.reason,
                         message_id=message.get("messageId"))
             round_.refused.append((project, 0, _json_encode(message), exc.code, exc.reason))
@@ -453,7 +454,7 @@ class Partition:
             # session still ends (or its timer would fire forever), unreported;
             # raising here would stop the partition for every customer.
             close_session(state)
-            self.metrics.inc("messages_refused_total", code=exc.code)
+            self.metrics.inc("messages_refused_total", reason=exc.code)
             log.warning("session_end refused", code=exc.code, reason=exc.reason,
                         customer=key)
             return
@@ -476,7 +477,7 @@ class Partition:
         if changes.cookies_dropped:
             metrics.inc("cookies_dropped_total", changes.cookies_dropped)
         if round_.refused:
-            metrics.inc("dead_letters_total", len(round_.refused), status="refused")
+            metrics.inc("dead_letters_total", len(round_.refused), reason="refused")
 
     def _prepare(self, round_: Round, now: float) -> tuple[_Prepared, list[OutboxRow]]:
         """Encode everything the round wrote, here in the trio thread, as it is now."""

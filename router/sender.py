@@ -341,6 +341,7 @@ class Sender:
             await self.bucket.acquire()
         for row in {id(row): row for row, _ in batch}.values():
             row.attempts += 1
+        started = trio.current_time()
         try:
             status, content, retry_after = await self._post(project, join_body(commands))
             verdict = self.dialect.verdict(status, content, len(batch), retry_after)
@@ -350,6 +351,8 @@ class Sender:
         decided = plan(verdict, [row.first_at for row, _ in batch], now=now,
                        retry_window=self.retry_window)
         self.metrics.inc("infinario_requests_total", outcome=decided.outcome)
+        self.metrics.observe("infinario_request_seconds", trio.current_time() - started,
+                             outcome=decided.outcome)
         if decided.outcome == "answered" and (not decided.retry or decided.done):
             self._answering.fire()
         if decided.done:
@@ -365,7 +368,7 @@ class Sender:
             self._answers.dead.append(
                 (now, row.project, row.customers[index], encode_command(command), fate,
                  _json_encode([reason]).decode(), row.attempts, row.first_at, now))
-            self.metrics.inc("dead_letters_total", status=fate)
+            self.metrics.inc("dead_letters_total", reason=fate)
             log.error("command dead-lettered", status=fate, reason=reason,
                       type=command.event_type, kind=command.kind)
             self._finalize(lane, row, index)
@@ -384,6 +387,7 @@ class Sender:
             return
         self._answers.partial.pop(row.seq, None)
         self._answers.finished.append(row)
+        self.metrics.observe("delivery_lag_seconds", self.wall() - row.first_at)
         rows = lane.rows
         while rows and not rows[0].remaining:
             rows.popleft()

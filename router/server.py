@@ -100,8 +100,11 @@ class Handler(Protocol):
         """Called when the headers are complete. A Response is sent at once without
         reading the body; a Route says how much body to read and who handles it."""
 
-    def answered(self, status: int) -> None:
-        """Called for every answer sent, the server's own errors included (metrics)."""
+    def answered(self, status: int, head: RequestHead | None) -> None:
+        """Called for every answer sent, the server's own errors included (metrics).
+
+        ``head`` is the request's, or None when the request was refused before its
+        head was complete (malformed, headers too large or too slow)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -217,7 +220,8 @@ class _Abort(Exception):
 
 # (request or None for an answer made without the handler, what answers it,
 #  keep the connection, HEAD, HTTP/1.0)
-_Entry = tuple[Request | None, Route | Response, bool, bool, bool]
+# (request, route or answer, keep-alive, HEAD, HTTP/1.0, the head when known)
+_Entry = tuple[Request | None, Route | Response, bool, bool, bool, RequestHead | None]
 
 
 class Server:
@@ -553,7 +557,7 @@ class _Connection:
         self.drain_deadline = self.now + DRAIN_SECONDS
         close = target.close or not keep or expects or (
             length is not None and length > DRAIN_BYTES)
-        self.ready.append((None, target, not close, head_only, http10))
+        self.ready.append((None, target, not close, head_only, http10, head))
 
     def on_body(self, chunk: bytes) -> None:
         if self.route is None:
@@ -580,7 +584,8 @@ class _Connection:
         self.parts.clear()
         self.discarded = 0
         self.drain_deadline = self.now
-        self.ready.append((None, _rejected(exc, close=True), False, self.head_only, self.http10))
+        self.ready.append((None, _rejected(exc, close=True), False, self.head_only, self.http10,
+                           self.head))
 
     def on_message_complete(self) -> None:
         self.in_body = False
@@ -602,7 +607,7 @@ class _Connection:
         parts.clear()
         assert self.head is not None
         self.ready.append((Request(self.head, body, self.now), route, self.keep,
-                           self.head_only, self.http10))
+                           self.head_only, self.http10, self.head))
 
     # --- the serving loop --------------------------------------------------------------------
 
@@ -614,7 +619,7 @@ class _Connection:
         limits = self.limits
         while True:
             while ready:
-                request, target, keep, head_only, http10 = ready.popleft()
+                request, target, keep, head_only, http10, head = ready.popleft()
                 if request is None:
                     response = target
                     assert isinstance(response, Response)
@@ -626,7 +631,7 @@ class _Connection:
                         server.log_handler_error(request.head.path)
                         response = _INTERNAL_ERROR
                 keep = keep and not response.close
-                self.handler.answered(response.status)
+                self.handler.answered(response.status, head)
                 if not await self._send(render(response, keep, head_only, http10)):
                     return
                 if not keep:
@@ -667,27 +672,27 @@ class _Connection:
                 abort = exc.__context__
                 if isinstance(abort, _Abort):
                     server.log_malformed(abort.response.body.decode())
-                    ready.append((None, abort.response, False, False, self.http10))
+                    ready.append((None, abort.response, False, False, self.http10, None))
                 else:
                     try:
                         raise abort or exc
                     except Exception:
                         server.log_handler_error("(parsing)")
-                    ready.append((None, _INTERNAL_ERROR, False, False, self.http10))
+                    ready.append((None, _INTERNAL_ERROR, False, False, self.http10, None))
             except httptools.HttpParserUpgrade:
                 server.log_malformed("upgrade")
                 ready.append((None, error(400, "upgrade_not_supported", "this server speaks "
                                           "plain HTTP/1.1 only; send no Upgrade"),
-                              False, False, False))
+                              False, False, False, None))
             except httptools.HttpParserError as exc:
                 server.log_malformed(str(exc))
                 ready.append((None, error(400, "malformed_request",
                                           f"malformed HTTP request: {exc}"),
-                              False, False, False))
+                              False, False, False, None))
             else:
                 if self.in_head and self.fed - self.head_mark > limits.max_header_bytes:
                     server.log_malformed("headers too large")
-                    ready.append((None, self._too_large_head(), False, False, self.http10))
+                    ready.append((None, self._too_large_head(), False, False, self.http10, None))
 
     def _timed_out(self) -> None:
         """Answer 408 for a request under way (best effort); an idle connection just closes."""
@@ -697,7 +702,7 @@ class _Connection:
                              "the request did not arrive in time; send it faster",
                              close=True)
             data = render(response, False, False, self.http10)
-            self.handler.answered(response.status)
+            self.handler.answered(response.status, self.head if self.in_body else None)
             try:
                 self.sock.send(data)
             except OSError:

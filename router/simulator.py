@@ -246,7 +246,7 @@ class Simulator:
 
     # --- serving ---------------------------------------------------------------------------
 
-    def answered(self, status: int) -> None:
+    def answered(self, status: int, head: RequestHead | None) -> None:
         """The simulator keeps its own counts (``stats``)."""
 
     def route(self, head: RequestHead) -> Route:

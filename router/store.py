@@ -214,6 +214,9 @@ class Store:
         self._wakeup = trio.Event()
         self._closed = False
         self.commits = 0
+        # The last failure to write (disk full, I/O error, read-only), until a
+        # transaction commits again: /ready reports it.
+        self.write_error: str | None = None
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Pending[T]:
         """Queue ``fn(conn)`` for the next group transaction without waiting for it.
@@ -282,8 +285,11 @@ class Store:
                 op.result, op.error = op.fn(conn), None
             current = None
             conn.execute("COMMIT")
+            self.write_error = None
             return True
         except BaseException as exc:
+            if _cannot_write(exc):
+                self.write_error = str(exc)
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             for op in ops:
@@ -377,3 +383,14 @@ class SeqCounter:
         first = self.next
         self.next += count
         return first
+
+
+# SQLite's primary result codes for a database that cannot be written: READONLY,
+# IOERR, CORRUPT, FULL, CANTOPEN. Other errors (a constraint, a bug) say nothing
+# about the disk.
+_WRITE_FAILURES = frozenset({8, 10, 11, 13, 14})
+
+
+def _cannot_write(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _WRITE_FAILURES

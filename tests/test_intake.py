@@ -914,6 +914,6 @@ class TestHealthAndMetrics:
         assert response.headers["content-type"].startswith("text/plain")
         text = response.text
         assert "# TYPE router_requests_total counter" in text
-        assert 'router_requests_total{status="200"} 1' in text
-        assert 'router_requests_total{status="401"} 1' in text
-        assert "router_messages_accepted_total 1" in text
+        assert 'router_requests_total{endpoint="single",status="200"} 1.0' in text
+        assert 'router_requests_total{endpoint="single",status="401"} 1.0' in text
+        assert "router_messages_accepted_total 1.0" in text

@@ -43,7 +43,7 @@ class Echo:
     most_active: int = 0
     statuses: list[int] = field(default_factory=list)
 
-    def answered(self, status: int) -> None:
+    def answered(self, status: int, head: RequestHead | None) -> None:
         self.statuses.append(status)
 
     def route(self, head: RequestHead) -> Route | Response:
