@@ -98,7 +98,7 @@ class Router:
 
     async def accept(
         self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[bytes],
-        shared: bytes | None = None,
+        shared: bytes | None = None, contexts: Sequence[bytes | None] | None = None,
     ) -> Accepted:
         """Journal validated messages as one request; return once they are on disk.
 
@@ -124,6 +124,8 @@ class Router:
             kept = [m for m, new in zip(messages, fresh, strict=True) if new]
             kept_items = [b for b, new in zip(items, fresh, strict=True) if new]
             kept_ids = [i for i, new in zip(ids, fresh, strict=True) if new]
+            if contexts is not None:
+                contexts = [c for c, new in zip(contexts, fresh, strict=True) if new]
         duplicates = count - len(kept)
         if duplicates:
             self.admission.release(duplicates)
@@ -142,7 +144,7 @@ class Router:
             raise
         self.spool.add(len(body))
         # Admission bounds what the channel holds, so this never blocks.
-        self._to_partition.send_nowait(Journaled(seq, write_key, kept, len(body)))
+        self._to_partition.send_nowait(Journaled(seq, write_key, kept, len(body), contexts))
         self.metrics.inc("messages_accepted_total", len(kept))
         return Accepted(len(kept), duplicates)
 

@@ -9,6 +9,7 @@ calls into here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ import msgspec
 from .commands import Command
 from .mapping import (
     EventPolicy,
+    ExtrasCache,
     Schema,
     clean_properties,
     context_extras,
@@ -81,8 +83,17 @@ class TurnContext:
     # Wall time of the turn. Without one (a pure caller), the session deadline
     # follows event time; 0.0 would put it at the epoch and expire it at once.
     now: float | None = None
+    # Context extras remembered by the context's JSON bytes (``context_key``).
+    cache: ExtrasCache | None = None
+    context_key: bytes | None = None
     sanitized: int = 0
     dropped: int = 0
+
+    def extras_of(self, context: Mapping[str, Any] | None) -> tuple[dict[str, Any], int]:
+        """The call's context extras, as a dict the caller owns."""
+        if self.cache is None:
+            return context_extras(context)
+        return self.cache(context, self.context_key)
 
 
 def call_ids(message: dict[str, Any]) -> dict[str, str]:
@@ -147,7 +158,8 @@ def _event(
 
 def _track(message: dict[str, Any], ids: dict[str, str], at: float, ctx: TurnContext) -> Command:
     event_type = ctx.policy.event_type(message["event"])
-    props, sanitized = event_properties(message.get("properties"), message.get("context"))
+    props, sanitized = event_properties(message.get("properties"), message.get("context"),
+                                        ctx.extras_of)
     ctx.sanitized += sanitized
     return _event(event_type, ids, props, at, ctx)
 
@@ -159,7 +171,8 @@ def _visit(
     at: float,
     ctx: TurnContext,
 ) -> list[Command]:
-    props, sanitized = event_properties(message.get("properties"), message.get("context"))
+    props, sanitized = event_properties(message.get("properties"), message.get("context"),
+                                        ctx.extras_of)
     ctx.sanitized += sanitized
     if props is message.get("properties"):
         props = dict(props)  # it is the message's own dict; name/category go on a copy
@@ -182,7 +195,7 @@ def _visit(
         commands.append(_session_end(state, ctx))
     opens = gap or state.session_start is None
     if opens:
-        extras, _ = context_extras(message.get("context"))
+        extras, _ = ctx.extras_of(message.get("context"))
         own = message.get("properties") or {}
         page = (message.get("context") or {}).get("page") or {}
         for field in ("url", "referrer"):

@@ -56,6 +56,15 @@ class Accepted(msgspec.Struct):
     rejected: list[dict[str, Any]] = msgspec.field(default_factory=list)
 
 
+class _ContextProbe(msgspec.Struct):
+    """Just a message's context, as JSON bytes: skipping the rest costs little."""
+
+    context: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_context_probe = msgspec.json.Decoder(_ContextProbe)
+
+
 @dataclass(slots=True)
 class Validated:
     """Validated items of a request: messages, their journal bytes, each one's position
@@ -65,6 +74,9 @@ class Validated:
     items: list[bytes] = field(default_factory=list)
     indexes: list[int] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    # Each message's context as its JSON bytes, the key under which its extras
+    # are remembered (None: merged with a shared part, or absent).
+    contexts: list[bytes | None] = field(default_factory=list)
 
 
 class Pipeline(Protocol):
@@ -81,7 +93,7 @@ class Pipeline(Protocol):
 
     async def accept(
         self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[bytes],
-        shared: bytes | None = None,
+        shared: bytes | None = None, contexts: Sequence[bytes | None] | None = None,
     ) -> Accepted: ...
 
     def report(self) -> dict[str, Any]: ...
@@ -212,9 +224,11 @@ class Intake:
             )
         shared = journal.shared_part(envelope.context, envelope.integrations)
         shared_bytes = _encode(shared) if shared else None
-        messages, items, rejected = self._validate_batch(envelope, shared, shared_bytes,
-                                                         pipeline.wall())
-        result = await pipeline.accept(write_key, messages, items, shared_bytes)
+        valid = self._validate_items(envelope.batch, shared, shared_bytes, pipeline.wall(),
+                                     envelope.sentAt)
+        rejected = valid.rejected
+        result = await pipeline.accept(write_key, valid.messages, valid.items, shared_bytes,
+                                       valid.contexts)
         self.metrics.observe("batch_messages", len(envelope.batch), endpoint="batch")
         return json_response(200, {"success": True, "accepted": result.accepted,
                                    "duplicates": result.duplicates, "rejected": rejected})
@@ -229,21 +243,13 @@ class Intake:
                            f"username or as writeKey in the body{hint}", status=401)
         raise Rejected("invalid_write_key", f"unknown write key{hint}", status=401)
 
-    def _validate_batch(
-        self, envelope: segment.Envelope, shared: dict[str, Any] | None,
-        shared_bytes: bytes | None, received_at: float,
-    ) -> tuple[list[dict[str, Any]], list[bytes], list[dict[str, Any]]]:
-        """The valid messages (the shared part merged in), their journal bytes (without
-        it: the journal keeps it once per request) and the rejects."""
-        valid = self._validate_items(envelope.batch, shared, shared_bytes, received_at,
-                                     envelope.sentAt)
-        return valid.messages, valid.items, valid.rejected
-
     def _validate_items(
         self, raws: Sequence[msgspec.Raw | bytes], shared: dict[str, Any] | None,
         shared_bytes: bytes | None, received_at: float, sent_at: Any,
     ) -> Validated:
-        """Each raw item decoded, size-checked and validated alone (see ``_validate_batch``)."""
+        """Each raw item decoded, size-checked and validated alone; the shared part (a
+        batch's ``context``/``integrations``) merged into the messages but left out of
+        their journal bytes: the journal keeps it once per request."""
         valid = Validated()
         messages, items, rejected = valid.messages, valid.items, valid.rejected
         shared_size = len(shared_bytes) if shared_bytes else 0
@@ -262,9 +268,14 @@ class Intake:
                     # goes into every command this message produces.
                     if len(stored) + shared_size > segment.MAX_MESSAGE_BYTES:
                         segment.check_size(_encode(message), "with the batch's shared part")
+                    context_key = None
+                else:
+                    raw_context = _context_probe.decode(data).context
+                    context_key = bytes(raw_context) if len(raw_context) > 4 else None
                 messages.append(message)
                 items.append(stored)
                 valid.indexes.append(index)
+                valid.contexts.append(context_key)
             except Rejected as exc:
                 rejected.append({"index": index, "code": exc.code, "message": exc.message})
                 self.metrics.inc("messages_rejected_total", reason=exc.code)

@@ -19,14 +19,16 @@ fresh copy.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from types import MappingProxyType
 from typing import Any
 
 __all__ = [
     "CONTEXT_EXCLUDED",
     "EventPolicy",
+    "ExtrasCache",
     "LimitExceeded",
     "Limits",
     "Schema",
@@ -151,16 +153,47 @@ def context_extras(context: Mapping[str, Any] | None) -> tuple[dict[str, Any], i
     return extras, changed
 
 
+class ExtrasCache:
+    """``context_extras`` by the context's JSON bytes.
+
+    A server-side library sends the same context with every message, and a
+    device the same one for a whole session: unpacking it once per distinct
+    context instead of once per message saves most of that work. Bounded: when
+    full, the oldest half is forgotten.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._entries: dict[bytes, tuple[dict[str, Any], int]] = {}
+
+    def __call__(self, context: Mapping[str, Any] | None,
+                 key: bytes | None) -> tuple[dict[str, Any], int]:
+        """A fresh dict of ``context``'s extras (``key``: its JSON bytes, or None)."""
+        if key is None:
+            return context_extras(context)
+        entries = self._entries
+        hit = entries.get(key)
+        if hit is None:
+            if len(entries) >= self.size:
+                for old in list(islice(entries, self.size // 2)):
+                    del entries[old]
+            hit = entries[key] = context_extras(context)
+        extras, changed = hit
+        return dict(extras), changed
+
+
 def event_properties(
-    properties: Mapping[str, Any] | None, context: Mapping[str, Any] | None
+    properties: Mapping[str, Any] | None, context: Mapping[str, Any] | None,
+    extras_of: Callable[[Mapping[str, Any] | None], tuple[dict[str, Any], int]] = context_extras,
 ) -> tuple[dict[str, Any], int]:
     """Context extras overlaid by the event's own cleaned properties.
 
     The event's own property wins over a context extra of the same name, since
     it describes this event specifically. The count is the total number of
-    sanitized keys from both parts.
+    sanitized keys from both parts. ``extras_of`` computes (or recalls) the
+    context's extras, always as a fresh dict.
     """
-    extras, extras_changed = context_extras(context)
+    extras, extras_changed = extras_of(context)
     props, props_changed = clean_properties(properties)
     if not extras:
         return props, props_changed

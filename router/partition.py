@@ -52,7 +52,7 @@ from .customer import (
 from .failpoints import crash_point
 from .identity import Changes, Identity, lookup_keys
 from .journal import Journaled
-from .mapping import EventPolicy, LimitExceeded, Limits, Schema
+from .mapping import EventPolicy, ExtrasCache, LimitExceeded, Limits, Schema
 from .metrics import Metrics
 from .outbox import OutboxRow
 from .spool import Spool
@@ -63,6 +63,7 @@ ROUND_MESSAGES = 1000  # a round takes whole requests until it holds this many m
 SLICE = 256  # messages turned between checkpoints: no round stalls the event loop for long
 RECOVER_ROWS = 64
 _json_encode = msgspec.json.Encoder().encode
+_NO_CONTEXTS: tuple[bytes | None, ...] = ()
 
 
 class SessionTimers:
@@ -160,6 +161,7 @@ class Partition:
         self.wall = wall
         self.encode = encode  # a command's wire form, in the configured dialect
         self.identity = Identity()
+        self.extras = ExtrasCache()
         self.schemas: dict[str, Schema] = {}
         self.states: dict[int, CustomerState] = {}
         self.timers = SessionTimers()
@@ -321,8 +323,10 @@ class Partition:
                 if admitted:
                     round_.messages += len(batch.messages)
                 project = self.write_keys.get(batch.write_key)
-                for message in batch.messages:
-                    self._handle(batch.write_key, project, message, round_, now)
+                contexts = batch.contexts or _NO_CONTEXTS
+                for index, message in enumerate(batch.messages):
+                    self._handle(batch.write_key, project, message, round_, now,
+                                 contexts[index] if contexts else None)
                     turned += 1
                     if turned % SLICE == 0:
                         await trio.lowlevel.checkpoint()
@@ -395,7 +399,7 @@ class Partition:
             self.timers.arm(deadline, state.key)
 
     def _handle(self, write_key: str, project: str | None, message: dict[str, Any],
-                round_: Round, now: float) -> None:
+                round_: Round, now: float, context_key: bytes | None = None) -> None:
         if project is None:
             # The write key was removed from the configuration since this message
             # was journaled; keep it where an operator can see and replay it.
@@ -406,7 +410,7 @@ class Partition:
         try:
             state = self.identity.resolve(project, message, self, changes, self._arm)
             ctx = TurnContext(project, self.schema(project), self.policy, self.session_timeout,
-                              now)
+                              now, self.extras, context_key)
             had_session = state.session_start is not None
             commands = turn(state, message, ctx)
         except LimitExceeded as exc:

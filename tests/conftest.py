@@ -107,8 +107,9 @@ async def relay(tmp_path: Path, relay_options: dict[str, Any]) -> AsyncIterator[
         accept = router.accept
 
         async def spy(write_key: str, messages: Sequence[dict[str, Any]],
-                      given: Sequence[bytes], shared: bytes | None = None) -> Accepted:
-            result = await accept(write_key, messages, given, shared)
+                      given: Sequence[bytes], shared: bytes | None = None,
+                      contexts: Sequence[bytes | None] | None = None) -> Accepted:
+            result = await accept(write_key, messages, given, shared, contexts)
             accepted.append([dict(m) for m in messages])
             items.append(list(given))
             shared_parts.append(shared)

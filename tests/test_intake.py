@@ -877,7 +877,8 @@ class TestOverload:
     """A full pipeline or a stopping relay answers 503 with Retry-After, so clients retry."""
 
     async def test_pipeline_full(self, relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
-        async def full(write_key: str, messages: Any, items: Any, shared: Any = None) -> Any:
+        async def full(write_key: str, messages: Any, items: Any, shared: Any = None,
+                       contexts: Any = None) -> Any:
             raise Overloaded("pipeline is full")
 
         monkeypatch.setattr(relay.router, "accept", full)

@@ -654,3 +654,22 @@ class TestProperties:
             assert set(kept) | set(dropped) == set(props)
             assert all(kept[k] is props[k] for k in kept)
         assert schema.report()["event_keys"].get("t", 0) <= limit
+
+
+class TestExtrasCache:
+    """Extras remembered by the context's bytes equal fresh ones, and are the caller's own."""
+
+    def test_same_result_fresh_dict_bounded(self) -> None:
+        from router.mapping import ExtrasCache
+
+        cache = ExtrasCache(size=4)
+        context = {"os": {"name": "iOS"}, "ip": "1.2.3.4", "a.b": 1, "traits": {"x": 1}}
+        first, changed = cache(context, b"key")
+        assert (first, changed) == context_extras(context)
+        first["added"] = True
+        again, _ = cache(context, b"key")
+        assert "added" not in again
+        for n in range(10):
+            cache({"n": n}, b"k%d" % n)
+        assert len(cache._entries) <= 4
+        assert cache(context, None) == context_extras(context)
