@@ -68,6 +68,48 @@ class TestServe:
             assert [e["type"] for e in sim.events] == ["Before Stop"]
             nursery.cancel_scope.cancel()
 
+    async def test_draining_answers_503_then_a_second_signal_exits_at_once(
+        self, tmp_path: Path
+    ) -> None:
+        sim = Simulator()
+        sim.fail_requests(503)  # Infinario down: the drain cannot finish by itself
+        async with trio.open_nursery() as nursery:
+            sim_url = await nursery.start(run_simulator, sim, "127.0.0.1", 0)
+            relay = RelayProcess(tmp_path / "data", sim_url, "--grace", "30")
+            try:
+                url = await trio.to_thread.run_sync(relay.start)
+                assert (await track(url, "Kept On Disk")).status_code == 200
+                assert relay.proc is not None
+                relay.proc.send_signal(signal.SIGTERM)
+                async with httpx.AsyncClient() as client:
+                    async def draining() -> bool:
+                        answer = await client.get(f"{url}/health")
+                        return answer.status_code == 503
+
+                    await eventually(draining, within=10)
+                    # Still accepting connections, answering 503 with Retry-After.
+                    response = await track(url, "During Drain")
+                    assert response.status_code == 503
+                    assert int(response.headers["retry-after"]) > 0
+                started = trio.current_time()
+                relay.proc.send_signal(signal.SIGTERM)
+                assert await trio.to_thread.run_sync(relay.wait_exit, 10) == 0
+                assert trio.current_time() - started < 5
+            finally:
+                relay.kill()
+            # What was acked waits on disk: the next start delivers it.
+            sim.clear_faults()
+            again = RelayProcess(tmp_path / "data", sim_url)
+            try:
+                await trio.to_thread.run_sync(again.start)
+                await eventually(lambda: "Kept On Disk" in [e["type"] for e in sim.events],
+                                 within=20)
+                assert await trio.to_thread.run_sync(again.terminate) == 0
+            finally:
+                again.kill()
+            assert [e["type"] for e in sim.events] == ["Kept On Disk"]
+            nursery.cancel_scope.cancel()
+
     async def test_second_instance_on_same_data_dir_is_refused(self, tmp_path: Path) -> None:
         relay = RelayProcess(tmp_path / "data", "http://127.0.0.1:9")
         try:
