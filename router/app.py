@@ -37,8 +37,10 @@ from .mapping import EventPolicy, Limits
 from .metrics import Metrics
 from .partition import Partition
 from .sender import Sender
+from .server import ServerLimits
 from .server import serve as serve_http
 from .spool import Spool
+from .storage import DiskUsage, StorageUnavailable
 from .transport import infinario_transport
 
 log = structlog.get_logger("router")
@@ -66,6 +68,9 @@ class Router:
         self.state = State.STARTING
         self.url: str | None = None
         self.spool = Spool(config.spool_cap)
+        # The cap also holds on what the data dir really takes on disk.
+        self.disk = DiskUsage(config.data_dir / st.DB_NAME, config.spool_cap,
+                              lambda: store.free_bytes)
         self.admission = Admission(ADMISSION_CAPACITY)
         self.dedup = Dedup(config.dedup_window)
         self.journal_seq = st.SeqCounter()
@@ -108,9 +113,9 @@ class Router:
             return Accepted(0, 0)
         if not self.accepting:
             raise Overloaded("the router is not running")
-        if self.spool.full:
+        if self.spool.full or self._disk_full():
             raise Overloaded("spool is over its disk cap")
-        if not await self.admission.acquire(count, ADMISSION_WAIT):
+        if not await self.admission.acquire(count, ADMISSION_WAIT, write_key):
             raise Overloaded("pipeline is full")
         now = self.wall()
         ids = [m["messageId"] for m in messages]
@@ -124,7 +129,7 @@ class Router:
             kept_ids = [i for i, new in zip(ids, fresh, strict=True) if new]
         duplicates = count - len(kept)
         if duplicates:
-            self.admission.release(duplicates)
+            self.admission.release(duplicates, write_key)
             self.metrics.inc("messages_duplicate_total", duplicates)
         if not kept:
             return Accepted(0, duplicates)
@@ -134,9 +139,13 @@ class Router:
             await self.store.call(partial(
                 journal.append, seq=seq, write_key=write_key, body=body, dedup_row=dedup_row,
                 ids=journal.encode_ids(kept_ids), now=now))
-        except BaseException:
+        except BaseException as exc:
             self.dedup.release(write_key, kept_ids)
-            self.admission.release(len(kept))
+            self.admission.release(len(kept), write_key)
+            if isinstance(exc, StorageUnavailable):
+                # Nothing of the request was kept: the client keeps it and retries.
+                raise Overloaded("storage is unavailable (disk full or failing)",
+                                 code="storage_unavailable") from exc
             raise
         self.spool.add(len(body))
         # Admission bounds what the channel holds, so this never blocks.
@@ -192,9 +201,24 @@ class Router:
                          for project, schema in self.partition.schemas.items()},
         }
 
+    def _disk_full(self) -> bool:
+        if not self.disk.full:
+            return False
+        # The WAL may be most of it: ask for a checkpoint that cuts it back.
+        self.store.checkpoint_wanted = True
+        return True
+
+    @property
+    def writable(self) -> bool:
+        """False while the last write found the disk full or failing."""
+        return not self.store.failing
+
     def health(self) -> dict[str, Any]:
         status = "ok" if self.state is State.RUNNING else self.state.value
+        if status == "ok" and not self.writable:
+            status = "storage_unavailable"
         return {"status": status, "spool_bytes": self.spool.bytes,
+                "disk_bytes": self.disk.bytes, "writable": self.writable,
                 "inbox": self.admission.used, "outbox_in_memory": self.sender.pending}
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -294,6 +318,7 @@ async def open_router(
     except BaseException:
         data_dir.unlock()
         raise
+    st.limit_wal(conn, config.spool_cap)
     store = st.Store(conn)
     metrics = Metrics()
     router = Router(config, store, metrics)
@@ -331,7 +356,9 @@ async def open_router(
             _gauges(router)
             if http:
                 host, port = parse_listen(config.listen)
-                router.url = await nursery.start(serve_http, Intake(router), host, port)
+                router.url = await nursery.start(partial(
+                    serve_http, Intake(router), host, port,
+                    limits=ServerLimits(max_connections=config.max_connections)))
             router.state = State.RUNNING
             log.info("router started", url=router.url, api=config.api,
                      data_dir=str(config.data_dir), recovered_spool_bytes=spooled)
@@ -373,7 +400,10 @@ async def _sweep_dedup(router: Router) -> None:
         await trio.sleep(interval)
         upto = router.dedup.expire(router.wall())
         if upto:
-            await router.store.call(partial(journal.expire_dedup, upto_row=upto))
+            try:
+                await router.store.call(partial(journal.expire_dedup, upto_row=upto))
+            except StorageUnavailable:
+                pass  # the rows go with the next sweep: it deletes all up to a later row
 
 
 async def serve(config: Config, *, task_status: trio.TaskStatus[Router] = trio.TASK_STATUS_IGNORED

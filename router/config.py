@@ -37,6 +37,7 @@ DEFAULT_V2_RATE_LIMIT = 6000
 DEFAULT_GRACE = 10.0
 DEFAULT_REQUEST_TIMEOUT = 15.0
 DEFAULT_LIMIT = 255
+DEFAULT_MAX_CONNECTIONS = 1024
 MAX_CONCURRENCY = 256
 
 Api = Literal["legacy", "v2"]
@@ -91,6 +92,8 @@ class Config:
     lane_window: int = 500
     # Seconds a lane waits for a fuller request when it has fewer than 50 commands.
     linger: float = 0.05
+    # Client connections the intake holds at once; past it new ones get a 503.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
         if not isinstance(self.data_dir, Path):
@@ -194,6 +197,7 @@ def validate(config: Config) -> None:
         "max-event-types": config.max_event_types,
         "active-customers": config.active_customers,
         "lane-window": config.lane_window,
+        "max-connections": config.max_connections,
     }
     for name, value in positive.items():
         if not _finite(value) or not value > 0:

@@ -36,9 +36,10 @@ _encode = msgspec.json.Encoder().encode
 class Overloaded(Exception):
     """The pipeline cannot take more right now; the client should retry later."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, code: str = "overloaded") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
 
 
 class Accepted(msgspec.Struct):
@@ -146,7 +147,7 @@ class Intake:
         except Overloaded as exc:
             self.metrics.inc("overloaded_total", reason=exc.reason)
             response = json_response(
-                503, {"code": "overloaded", "message": f"{exc.reason}; retry later"},
+                503, {"code": exc.code, "message": f"{exc.reason}; retry later"},
                 [(b"retry-after", RETRY_AFTER)])
         return response
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -17,12 +18,14 @@ class RelayProcess:
     """``python -m router serve`` on an ephemeral port; its URL is read from its log."""
 
     def __init__(self, data_dir: Path, infinario_url: str, *extra: str,
-                 write_key: str = "crash-key=crash-project") -> None:
+                 write_key: str = "crash-key=crash-project",
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.args = [
             sys.executable, "-m", "router", "serve", "--listen", "127.0.0.1:0",
             "--infinario-url", infinario_url, "--write-key", write_key,
             "--data-dir", str(data_dir), "--grace", "2", *extra,
         ]
+        self.preexec_fn = preexec_fn  # runs in the child before exec (resource limits)
         self.proc: subprocess.Popen[str] | None = None
         self.url: str | None = None
         self.log: list[str] = []
@@ -31,7 +34,7 @@ class RelayProcess:
     def start(self, timeout: float = 30.0) -> str:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                     text=True, env=env)
+                                     text=True, env=env, preexec_fn=self.preexec_fn)
         assert self.proc.stderr is not None
         threading.Thread(target=self._read, args=(self.proc.stderr,), daemon=True).start()
         if not self._started.wait(timeout):
