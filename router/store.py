@@ -410,6 +410,12 @@ class Store:
             if current is not None and isinstance(exc, Exception):
                 current.error = error
                 return False
+            if error is not exc and len(ops) > 1:
+                # The commit found the disk full: run each op alone, so reads and
+                # writes that fit still succeed and only the others fail.
+                for op in ops:
+                    op.error = error
+                return False
             # Not an op's fault (the commit failed, or the thread is going away):
             # every op in the transaction failed with it.
             for op in ops:
