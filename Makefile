@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow lint typecheck bench bench-quick clean
+.PHONY: run test test-slow lint typecheck fuzz bench bench-quick clean
 
 # The stamp is written only after a complete install and removed before a new
 # one starts, so a venv without it was left half-installed and is rebuilt from
@@ -37,6 +37,12 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# The long fuzz of the intake (tests/test_fuzz.py runs a short one in `make test`).
+FUZZ_REQUESTS ?= 1000000
+FUZZ_SEED ?= 1
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzz --requests $(FUZZ_REQUESTS) --seed $(FUZZ_SEED)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run --full

@@ -38,8 +38,10 @@ from .mapping import EventPolicy, Limits
 from .metrics import Metrics
 from .partition import Partition
 from .sender import Sender
+from .server import ServerLimits
 from .server import serve as serve_http
 from .spool import Spool
+from .storage import DiskUsage, StorageUnavailable
 from .transport import infinario_transport
 
 log = structlog.get_logger("router")
@@ -68,6 +70,9 @@ class Router:
         self.url: str | None = None
         self.admin_url: str | None = None
         self.spool = Spool(config.spool_cap)
+        # The cap also holds on what the data dir really takes on disk.
+        self.disk = DiskUsage(config.data_dir / st.DB_NAME, config.spool_cap,
+                              lambda: store.free_bytes)
         self.admission = Admission(ADMISSION_CAPACITY)
         self.dedup = Dedup(config.dedup_window)
         self.journal_seq = st.SeqCounter()
@@ -110,9 +115,9 @@ class Router:
             return Accepted(0, 0)
         if not self.accepting:
             raise Overloaded("the router is not running")
-        if self.spool.full:
+        if self.spool.full or self._disk_full():
             raise Overloaded("spool is over its disk cap")
-        if not await self.admission.acquire(count, ADMISSION_WAIT):
+        if not await self.admission.acquire(count, ADMISSION_WAIT, write_key):
             raise Overloaded("pipeline is full")
         now = self.wall()
         ids = [m["messageId"] for m in messages]
@@ -128,7 +133,7 @@ class Router:
                 contexts = [c for c, new in zip(contexts, fresh, strict=True) if new]
         duplicates = count - len(kept)
         if duplicates:
-            self.admission.release(duplicates)
+            self.admission.release(duplicates, write_key)
             self.metrics.inc("messages_duplicate_total", duplicates)
         if not kept:
             return Accepted(0, duplicates)
@@ -138,9 +143,13 @@ class Router:
             await self.store.call(partial(
                 journal.append, seq=seq, write_key=write_key, body=body, dedup_row=dedup_row,
                 ids=journal.encode_ids(kept_ids), now=now))
-        except BaseException:
+        except BaseException as exc:
             self.dedup.release(write_key, kept_ids)
-            self.admission.release(len(kept))
+            self.admission.release(len(kept), write_key)
+            if isinstance(exc, StorageUnavailable):
+                # Nothing of the request was kept: the client keeps it and retries.
+                raise Overloaded("storage is unavailable (disk full or failing)",
+                                 code="storage_unavailable") from exc
             raise
         self.spool.add(len(body))
         # Admission bounds what the channel holds, so this never blocks.
@@ -208,9 +217,24 @@ class Router:
             return f"cannot write to the data dir: {self.store.write_error}"
         return None
 
+    def _disk_full(self) -> bool:
+        if not self.disk.full:
+            return False
+        # The WAL may be most of it: ask for a checkpoint that cuts it back.
+        self.store.checkpoint_wanted = True
+        return True
+
+    @property
+    def writable(self) -> bool:
+        """False while the last write found the disk full or failing."""
+        return not self.store.failing
+
     def health(self) -> dict[str, Any]:
         status = "ok" if self.state is State.RUNNING else self.state.value
+        if status == "ok" and not self.writable:
+            status = "storage_unavailable"
         return {"status": status, "spool_bytes": self.spool.bytes,
+                "disk_bytes": self.disk.bytes, "writable": self.writable,
                 "inbox": self.admission.used, "outbox_in_memory": self.sender.pending}
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -311,6 +335,7 @@ async def open_router(
     except BaseException:
         data_dir.unlock()
         raise
+    st.limit_wal(conn, config.spool_cap)
     store = st.Store(conn)
     metrics = Metrics()
     router = Router(config, store, metrics)
@@ -355,7 +380,9 @@ async def open_router(
                 intake = Intake(router, webhook_secret=config.webhook_secret,
                                 operator_paths=INTAKE_ALONE if config.admin_listen is None
                                 else INTAKE_WITH_ADMIN)
-                router.url = await nursery.start(serve_http, intake, host, port)
+                router.url = await nursery.start(partial(
+                    serve_http, intake, host, port,
+                    limits=ServerLimits(max_connections=config.max_connections)))
             router.state = State.RUNNING
             log.info("router started", url=router.url, admin_url=router.admin_url, api=config.api,
                      data_dir=str(config.data_dir), recovered_spool_bytes=spooled)
@@ -412,7 +439,10 @@ async def _sweep_dedup(router: Router) -> None:
         await trio.sleep(interval)
         upto = router.dedup.expire(router.wall())
         if upto:
-            await router.store.call(partial(journal.expire_dedup, upto_row=upto))
+            try:
+                await router.store.call(partial(journal.expire_dedup, upto_row=upto))
+            except StorageUnavailable:
+                pass  # the rows go with the next sweep: it deletes all up to a later row
 
 
 async def serve(config: Config, *, task_status: trio.TaskStatus[Router] = trio.TASK_STATUS_IGNORED

@@ -88,6 +88,8 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--webhook-secret", metavar="SECRET",
                    help="shared secret of Segment's webhook destination: /v1/webhook then "
                    "requires a valid X-Signature")
+    p.add_argument("--max-connections",
+                   help="client connections held at once; past it new ones get 503 (1024)")
     p.add_argument("--simulate", action="store_const", const=True,
                    help="run the built-in Infinario simulator and deliver to it")
     p.add_argument("--simulator-listen",
@@ -223,6 +225,7 @@ def _serve(args: argparse.Namespace) -> int:
             # Trying the relay out needs a write key; a production relay must name its own.
             config = config.with_(write_keys={"demo": "demo-project"})
     tune_gc()
+    raise_descriptor_limit()
     try:
         trio.run(partial(_run, config, simulator_listen))
     except KeyboardInterrupt:
@@ -268,6 +271,28 @@ def _as_router_error(exc: BaseException, config: cfg.Config) -> RouterError | No
             isinstance(exc, OSError) and exc.errno in _LISTEN_ERRNOS):
         return ConfigError(f"listen: cannot listen on {config.listen}: {exc.strerror or exc}")
     return None
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft limit on open descriptors to the hard one; return the new soft limit.
+
+    The default soft limit (often 1,024) counts every client socket, the database
+    and its log: a relay with many clients would refuse connections long before
+    the connection cap, which is the limit meant to decide.
+    """
+    import resource
+
+    import structlog
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # keep the soft limit; the connection cap still bounds descriptors
+    structlog.get_logger("router").debug("descriptor limit", soft=soft, hard=hard)
+    return int(soft)
 
 
 def tune_gc() -> None:

@@ -37,6 +37,7 @@ DEFAULT_V2_RATE_LIMIT = 6000
 DEFAULT_GRACE = 10.0
 DEFAULT_REQUEST_TIMEOUT = 15.0
 DEFAULT_LIMIT = 255
+DEFAULT_MAX_CONNECTIONS = 1024
 MAX_CONCURRENCY = 256
 
 Api = Literal["legacy", "v2"]
@@ -95,6 +96,8 @@ class Config:
     admin_listen: str | None = None
     # Shared secret of Segment's webhook destination: /v1/webhook then needs X-Signature.
     webhook_secret: str | None = None
+    # Client connections the intake holds at once; past it new ones get a 503.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
         if not isinstance(self.data_dir, Path):
@@ -206,6 +209,7 @@ def validate(config: Config) -> None:
         "max-event-types": config.max_event_types,
         "active-customers": config.active_customers,
         "lane-window": config.lane_window,
+        "max-connections": config.max_connections,
     }
     for name, value in positive.items():
         if not _finite(value) or not value > 0:

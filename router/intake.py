@@ -43,9 +43,10 @@ _raw_array = msgspec.json.Decoder(list[msgspec.Raw])
 class Overloaded(Exception):
     """The pipeline cannot take more right now; the client should retry later."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, code: str = "overloaded") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
 
 
 class Accepted(msgspec.Struct):
@@ -189,7 +190,7 @@ class Intake:
         except Overloaded as exc:
             self.metrics.inc("overloaded_total", reason=exc.reason)
             response = json_response(
-                503, {"code": "overloaded", "message": f"{exc.reason}; retry later"},
+                503, {"code": exc.code, "message": f"{exc.reason}; retry later"},
                 [(b"retry-after", RETRY_AFTER)])
         self.metrics.observe("intake_ack_seconds", trio.current_time() - request.received_at,
                              endpoint=endpoint)

@@ -169,6 +169,7 @@ class Partition:
         self.busy = False  # a round is between its first turn and its hand-off
         self.changed = changed or Broadcast()  # fired when a round ends or commits
         self.rounds_in_flight = 0
+        self._chain = st.Chain()  # rounds commit in the order they were played
         # At most two rounds commit while the next one's turns run.
         self._rounds_in, self._rounds_out = trio.open_memory_channel[
             tuple[st.Pending[None], Round, list[OutboxRow]]](2)
@@ -336,7 +337,7 @@ class Partition:
             if not round_.journal_seqs and not changes.dirty and not changes.deleted:
                 return
             prepared, rows = self._prepare(round_, now)
-            pending = self.store.submit(partial(_commit, prepared=prepared))
+            pending = self.store.submit(partial(_commit, prepared=prepared), chain=self._chain)
             self.rounds_in_flight += 1
             self._count(round_)
             await self._rounds_in.send((pending, round_, rows))
@@ -353,7 +354,9 @@ class Partition:
     async def _committer(self) -> None:
         async for pending, round_, rows in self._rounds_out:
             try:
-                await pending.result()
+                # A full disk keeps the round here (its journal rows are still on
+                # disk) and tries again; later rounds wait their turn.
+                await self.store.settle(pending)
             finally:
                 self.rounds_in_flight -= 1
             self.spool.add(sum(row.size for row in rows) - round_.journal_bytes)

@@ -39,6 +39,7 @@ from .infinario import MAX_COMMANDS, Dialect, Verdict, join_body
 from .metrics import Metrics
 from .outbox import OutboxRow
 from .spool import Spool
+from .storage import StorageUnavailable
 from .transport import Prepared, Transport
 
 log = structlog.get_logger("router.sender")
@@ -51,6 +52,7 @@ BACKOFF_MAX = 30.0
 # a lane holds at most its window plus these in memory; past them, rows wait on disk.
 LANE_CHANNEL_ROWS = 4
 REPLAY_INTERVAL = 2.0
+RETIRE_RETRY = 0.2  # seconds before answers the disk did not take are recorded again
 _json_encode = msgspec.json.Encoder().encode
 
 
@@ -167,6 +169,13 @@ class _Answers:
 
     def __bool__(self) -> bool:
         return bool(self.finished or self.partial or self.dead)
+
+    def then(self, later: _Answers) -> _Answers:
+        """These answers followed by ``later`` ones, as one batch to record."""
+        done = {row.seq for row in later.finished}
+        partial = {seq: row for seq, row in self.partial.items() if seq not in done}
+        partial.update(later.partial)
+        return _Answers(self.finished + later.finished, partial, self.dead + later.dead)
 
 
 class Sender:
@@ -465,7 +474,14 @@ class Sender:
             try:
                 finished = [row.seq for row in answers.finished]
                 partial = [(bytes(row.final), row.seq) for row in answers.partial.values()]
-                await self.store.call(partial_op(finished, partial, answers.dead))
+                try:
+                    await self.store.call(partial_op(finished, partial, answers.dead))
+                except StorageUnavailable:
+                    # Nothing was recorded: keep the answers, record them with the next.
+                    self._answers = answers.then(self._answers)
+                    self._answers_ready.set()
+                    await trio.sleep(RETIRE_RETRY)
+                    continue
                 self.spool.add(-sum(row.size for row in answers.finished))
             finally:
                 self._retiring = False
@@ -477,15 +493,18 @@ class Sender:
         """Pick up dead letters marked for replay by ``infinario-router dead-letters replay``."""
         while True:
             await trio.sleep(interval)
-            letters = await self.store.call(outbox.marked)
-            if not letters:
-                continue
-            # Rows are numbered here, in the trio thread, like every other outbox row.
-            made = outbox.replay_rows(letters, lanes=len(self.lanes), dialect=self.dialect,
-                                      now=self.wall(), seqs=seqs)
-            moved = await self.store.call(partial(
-                outbox.replay, ids=[letter[0] for letter in letters],
-                records=[record for record, _ in made]))
+            try:
+                letters = await self.store.call(outbox.marked)
+                if not letters:
+                    continue
+                # Rows are numbered here, in the trio thread, like every other outbox row.
+                made = outbox.replay_rows(letters, lanes=len(self.lanes), dialect=self.dialect,
+                                          now=self.wall(), seqs=seqs)
+                moved = await self.store.call(partial(
+                    outbox.replay, ids=[letter[0] for letter in letters],
+                    records=[record for record, _ in made]))
+            except StorageUnavailable:
+                continue  # the marks stay; the next look picks them up
             if moved:
                 log.info("dead letters replayed", count=len(letters))
                 self.spool.add(sum(row.size for _, row in made))

@@ -26,19 +26,30 @@ import errno
 import fcntl
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import structlog
 import trio
 
 from .errors import StartupError
+from .storage import OutOfTurn, StorageUnavailable, is_storage_error, unavailable
 
 T = TypeVar("T")
 
+log = structlog.get_logger("router.store")
+
 DB_NAME = "router.db"
 WAL_CHECKPOINT_PAGES = 10_000
+# After a checkpoint the WAL file is cut back to this size: without a limit it keeps
+# the largest size it ever reached, which counts against the spool cap.
+WAL_SIZE_LIMIT = 48 * 1024**2
+FREE_PAGES_INTERVAL = 0.1  # seconds between counts of the database's reusable pages
+RETRY_FIRST = 0.05  # seconds before a write that found the disk unavailable is tried again
+RETRY_MAX = 2.0
 LOCK_NAME = "router.lock"
 # The writer waits this long for more operations when fewer than GATHER_OPS are
 # queued: single-message requests then share commits instead of paying one each.
@@ -88,7 +99,18 @@ def open_connection(path: Path, *, timeout: float = 5.0) -> sqlite3.Connection:
     # lets their pages be reused several times between checkpoints, which cut
     # the bytes written per message by about 30%.
     conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+    conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     return conn
+
+
+def limit_wal(conn: sqlite3.Connection, cap: int) -> None:
+    """Keep the WAL to at most a quarter of a small spool cap (it is checkpointed
+    and cut back once it reaches that), so the log alone never fills the cap."""
+    page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    budget = min(WAL_SIZE_LIMIT, cap // 4)
+    pages = max(100, min(WAL_CHECKPOINT_PAGES, budget // page))
+    conn.execute(f"PRAGMA wal_autocheckpoint={pages}")
+    conn.execute(f"PRAGMA journal_size_limit={max(budget, pages * page)}")
 
 
 class DataDir:
@@ -185,12 +207,28 @@ def _set_aside_v1(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE {table} RENAME TO {table}_v1")
 
 
+class Chain:
+    """Store operations that must commit one after another, in the order submitted.
+
+    An operation of a chain runs only once the one before it has committed;
+    otherwise it fails with ``OutOfTurn`` without running, and its caller submits
+    it again (``Store.resubmit``) after the earlier one. A round that failed on a
+    full disk thus never lets a later round overtake it.
+    """
+
+    def __init__(self) -> None:
+        self.issued = 0  # links handed out
+        self.committed = 0  # the last link that committed
+
+
 @dataclass(slots=True)
 class _Op:
     fn: Callable[[sqlite3.Connection], Any]
     done: trio.Event
     result: Any = None
     error: BaseException | None = None
+    chain: Chain | None = None
+    link: int = 0
 
 
 class Pending(Generic[T]):
@@ -198,6 +236,11 @@ class Pending(Generic[T]):
 
     def __init__(self, op: _Op) -> None:
         self._op = op
+
+    @property
+    def ordered(self) -> bool:
+        """True for an operation of a chain (see ``Chain``)."""
+        return self._op.chain is not None
 
     async def result(self) -> T:
         # Not cancellable: the transaction runs anyway, and a caller that walked
@@ -221,16 +264,56 @@ class Store:
         # The last failure to write (disk full, I/O error, read-only), until a
         # transaction commits again: /ready reports it.
         self.write_error: str | None = None
+        # The last transaction failed for want of disk (full or I/O error).
+        self.failing = False
+        # Bytes of free pages in the database file: room it reuses before growing.
+        self.free_bytes = 0
+        self._free_at = -FREE_PAGES_INTERVAL
+        self._page_size = 0
+        self.checkpoint_wanted = False
 
-    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Pending[T]:
+    def submit(self, fn: Callable[[sqlite3.Connection], T], *,
+               chain: Chain | None = None) -> Pending[T]:
         """Queue ``fn(conn)`` for the next group transaction without waiting for it.
 
         Operations run in the order submitted, so a later read sees an earlier
         write even before the writer has been awaited.
         """
+        link = 0
+        if chain is not None:
+            chain.issued += 1
+            link = chain.issued
+        return self._queue(_Op(fn, trio.Event(), chain=chain, link=link))
+
+    def resubmit(self, pending: Pending[T]) -> Pending[T]:
+        """Queue a failed operation again, keeping its place in its chain."""
+        old = pending._op
+        return self._queue(_Op(old.fn, trio.Event(), chain=old.chain, link=old.link))
+
+    async def settle(self, pending: Pending[T]) -> T:
+        """The result of ``pending``, submitting it again until the disk takes it.
+
+        While the disk is full or failing the same operation is tried again with
+        a growing pause; an operation that found an earlier one of its chain not
+        yet committed goes again at once (its caller waited for that one).
+        """
+        pause = RETRY_FIRST
+        while True:
+            try:
+                return await pending.result()
+            except OutOfTurn:
+                await trio.sleep(0.001)
+            except StorageUnavailable as exc:
+                if pause == RETRY_FIRST:
+                    log.warning("write failed; keeping it in memory and retrying",
+                                error=str(exc))
+                await trio.sleep(pause)
+                pause = min(RETRY_MAX, pause * 2)
+            pending = self.resubmit(pending)
+
+    def _queue(self, op: _Op) -> Pending[Any]:
         if self._closed:
             raise trio.ClosedResourceError("store is closed")
-        op = _Op(fn, trio.Event())
         self._pending.append(op)
         self._wakeup.set()
         return Pending(op)
@@ -281,34 +364,76 @@ class Store:
             for op in ops:
                 self._attempt([op])
         self.commits += 1
+        self._housekeeping()
+
+    def _housekeeping(self) -> None:
+        """Between transactions: a checkpoint when asked for, and the free page count."""
+        conn = self.conn
+        try:
+            if self.checkpoint_wanted:
+                self.checkpoint_wanted = False
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            now = time.monotonic()
+            if now - self._free_at >= FREE_PAGES_INTERVAL:
+                self._free_at = now
+                if not self._page_size:
+                    self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+                free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+                self.free_bytes = free * self._page_size
+        except sqlite3.Error:
+            pass  # advisory only: the next transaction tries again
 
     def _attempt(self, ops: Sequence[_Op]) -> bool:
         """One transaction for ``ops``; False when an op raised and all was rolled back."""
         conn = self.conn
         current: _Op | None = None
+        marks: dict[Chain, int] = {}  # each chain's last link in this transaction
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in ops:
                 current = op
+                chain = op.chain
+                if chain is not None:
+                    last = marks.get(chain, chain.committed)
+                    if op.link != last + 1:
+                        op.result, op.error = None, OutOfTurn(
+                            f"waits for an earlier write (#{last + 1}) to commit first")
+                        continue
                 op.result, op.error = op.fn(conn), None
+                if chain is not None:
+                    marks[chain] = op.link
             current = None
             conn.execute("COMMIT")
             self.write_error = None
+            for chain, link in marks.items():
+                chain.committed = link
+            self.failing = False
             return True
         except BaseException as exc:
             if _cannot_write(exc):
                 self.write_error = str(exc)
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            error = exc
+            if is_storage_error(exc):
+                # A full or failing disk: the caller waits and tries again.
+                self.failing = True
+                error = unavailable(exc)
             for op in ops:
                 op.result = None
             if current is not None and isinstance(exc, Exception):
-                current.error = exc
+                current.error = error
+                return False
+            if error is not exc and len(ops) > 1:
+                # The commit found the disk full: run each op alone, so reads and
+                # writes that fit still succeed and only the others fail.
+                for op in ops:
+                    op.error = error
                 return False
             # Not an op's fault (the commit failed, or the thread is going away):
             # every op in the transaction failed with it.
             for op in ops:
-                op.error = exc
+                op.error = error
             return True
 
     def close(self) -> None:

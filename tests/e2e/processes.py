@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -18,13 +19,15 @@ class RelayProcess:
 
     def __init__(self, data_dir: Path, infinario_url: str, *extra: str,
                  write_key: str = "crash-key=crash-project",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.env = env or {}
         self.args = [
             sys.executable, "-m", "router", "serve", "--listen", "127.0.0.1:0",
             "--infinario-url", infinario_url, "--write-key", write_key,
             "--data-dir", str(data_dir), "--grace", "2", *extra,
         ]
+        self.preexec_fn = preexec_fn  # runs in the child before exec (resource limits)
         self.proc: subprocess.Popen[str] | None = None
         self.url: str | None = None
         self.log: list[str] = []
@@ -33,7 +36,7 @@ class RelayProcess:
     def start(self, timeout: float = 30.0) -> str:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                     text=True, env=env)
+                                     text=True, env=env, preexec_fn=self.preexec_fn)
         assert self.proc.stderr is not None
         threading.Thread(target=self._read, args=(self.proc.stderr,), daemon=True).start()
         if not self._started.wait(timeout):
