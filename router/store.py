@@ -51,10 +51,6 @@ FREE_PAGES_INTERVAL = 0.1  # seconds between counts of the database's reusable p
 RETRY_FIRST = 0.05  # seconds before a write that found the disk unavailable is tried again
 RETRY_MAX = 2.0
 LOCK_NAME = "router.lock"
-# The writer waits this long for more operations when fewer than GATHER_OPS are
-# queued: single-message requests then share commits instead of paying one each.
-GATHER_OPS = 8
-GATHER_SECONDS = 0.001
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -328,10 +324,6 @@ class Store:
         try:
             while True:
                 await self._wakeup.wait()
-                if len(self._pending) < GATHER_OPS:
-                    # A transaction costs the same fsync whatever it holds: when few
-                    # operations are waiting, give others a moment to join it.
-                    await trio.sleep(GATHER_SECONDS)
                 self._wakeup = trio.Event()
                 ops, self._pending = self._pending, []
                 if not ops:

@@ -104,7 +104,8 @@ class TestReady:
         await store.call(freeze_size)
         batch = {"batch": [track(n, properties={"pad": "x" * 20_000}) for n in range(20)]}
         response = await relay.client.post("/v1/batch", json=batch, headers=basic(WRITE_KEY))
-        assert response.status_code == 500
+        assert response.status_code == 503  # clients retry it
+        assert int(response.headers["retry-after"]) > 0
         status, body = await self.ready(relay)
         assert status == 503
         assert body["reason"].startswith("cannot write to the data dir: ")
