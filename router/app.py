@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import signal
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -242,10 +243,16 @@ class Router:
     def idle(self) -> bool:
         return not self.admission.used and self.partition.idle() and self.sender.idle()
 
-    async def drain(self) -> None:
-        """Wait until everything accepted so far has been answered by Infinario."""
-        while not self.idle():
-            await self.progress.wait()
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait until everything accepted so far has been answered by Infinario.
+
+        With a ``timeout`` (seconds), give up after it; True when drained.
+        Whatever is not answered stays in the outbox either way.
+        """
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            while not self.idle():
+                await self.progress.wait()
+        return self.idle()
 
     async def wait_closed(self) -> None:
         await self._stop.wait()
