@@ -243,7 +243,9 @@ class Router:
     def idle(self) -> bool:
         return not self.admission.used and self.partition.idle() and self.sender.idle()
 
-    async def drain(self, timeout: float | None = None) -> bool:
+    # A timeout argument rather than a cancel scope: an embedding program asks
+    # "drained within N seconds?" and wants the answer, not a Cancelled.
+    async def drain(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Wait until everything accepted so far has been answered by Infinario.
 
         With a ``timeout`` (seconds), give up after it; True when drained.
