@@ -384,25 +384,18 @@ class Transport(httpx.AsyncBaseTransport):
         self, key: _Key, limit: float | None, request: httpx.Request
     ) -> _Connection | None:
         """An idle connection to ``key``, or None with a slot taken for a new one."""
-        conn = self._take(key)
-        if conn is not None:
-            return conn
-        if self._open < self.max_connections or self._evict():
-            self._open += 1
-            return None
         with trio.move_on_after(_seconds(limit)):
             while True:
-                freed = self._freed
-                await freed.wait()
-                if self._closed:
-                    raise RuntimeError(
-                        "the transport was closed while this request waited for a connection")
                 conn = self._take(key)
                 if conn is not None:
                     return conn
                 if self._open < self.max_connections or self._evict():
                     self._open += 1
                     return None
+                await self._freed.wait()
+                if self._closed:
+                    raise RuntimeError(
+                        "the transport was closed while this request waited for a connection")
         raise httpx.PoolTimeout(
             f"no free connection to {request.url.host} within {limit:g}s "
             f"({self.max_connections} in use)", request=request)

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from router import Accepted, Config, Router, open_router
+from router import store as st
 
 WRITE_KEY = "wk"
 PROJECT = "proj"
@@ -86,6 +87,17 @@ def relay_config(tmp_path: Path, **overrides: Any) -> Config:
     }
     options.update(overrides)
     return Config(**options)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[st.Store]:
+    """The store's writer on a fresh database, running in the test's nursery."""
+    writer = st.Store(st.open_database(tmp_path / st.DB_NAME))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        yield writer
+        nursery.cancel_scope.cancel()
+    writer.close()
 
 
 @pytest.fixture

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import msgspec
-import pytest
-import trio
 from hypothesis import given
 from hypothesis import strategies as hs
 
@@ -88,16 +83,6 @@ class TestDedup:
         assert dedup.expire(9.7) == 1  # the slice started at 0 ended at 1.5 <= 9.7 - 8
         assert dedup.claim("k", ["a"], 9.8, row=0) == [True]
         assert dedup.claim("k", ["b"], 9.8, row=0) == [False]
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[st.Store]:
-    writer = st.Store(st.open_database(tmp_path / st.DB_NAME))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)
-        yield writer
-        nursery.cancel_scope.cancel()
-    writer.close()
 
 
 class TestStoredDedup:

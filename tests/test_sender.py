@@ -4,11 +4,8 @@ fake Infinario and an in-memory spool of outbox rows."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
-import pytest
 import trio
 import trio.testing
 
@@ -65,16 +62,6 @@ class Recorder:
         if self.statuses:
             return httpx.Response(self.statuses.pop(0))
         return httpx.Response(200, json={"results": [{"status": "ok"}] * len(commands)})
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[st.Store]:
-    writer = st.Store(st.open_database(tmp_path / st.DB_NAME))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)
-        yield writer
-        nursery.cancel_scope.cancel()
-    writer.close()
 
 
 def rows(customers: list[int], lanes: int, seqs: st.SeqCounter,

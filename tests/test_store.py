@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
-import trio
 
 from router import store as st
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[st.Store]:
-    writer = st.Store(st.open_database(tmp_path / st.DB_NAME))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)
-        yield writer
-        nursery.cancel_scope.cancel()
-    writer.close()
 
 
 def put(key: str, value: str) -> Callable[[sqlite3.Connection], None]:
