@@ -226,6 +226,35 @@ class TestBatchEndpoints:
         assert json.loads(third) == messages[2]  # messageId filled in
         assert len(await relay.events()) == 3
 
+    async def test_shared_context_counts_toward_each_item_and_is_stored_once(
+        self, relay: Relay
+    ) -> None:
+        # A small request must not become a huge spool: the limit holds on the merged item.
+        big = {"batch": [track(n) for n in range(1500)],
+               "context": {"pad": "x" * 200 * KB}}
+        response = await relay.client.post("/v1/batch", json=big, headers=basic(WRITE_KEY))
+        assert response.status_code == 200
+        body = response.json()
+        assert body["accepted"] == 0
+        assert {r["code"] for r in body["rejected"]} == {"message_too_large"}
+        assert len(body["rejected"]) == 1500
+        assert relay.journaled == []
+        assert relay.router.spool.bytes == 0
+        # A shared part that fits: items that fit with it pass, the one that does not is
+        # refused alone, and the journal keeps the shared part once for the request.
+        fits = {"batch": [track(1), track(2, properties={"pad": "y" * 20 * KB}), track(3)],
+                "context": {"pad": "z" * 15 * KB}}
+        response = await relay.client.post("/v1/batch", json=fits, headers=basic(WRITE_KEY))
+        body = response.json()
+        assert body["accepted"] == 2
+        assert [(r["index"], r["code"]) for r in body["rejected"]] == [(1, "message_too_large")]
+        shared = relay.given_shared[-1]
+        assert shared is not None and shared.count(b"z" * 15 * KB) == 1
+        assert all(b"z" * 100 not in item for item in relay.given_items[-1])
+        events = await relay.events("Clicked")
+        assert len(events) == 2 and all(e["properties"]["pad"] == "z" * 15 * KB
+                                        for e in events)
+
     async def test_empty_batch_is_accepted(self, relay: Relay) -> None:
         response = await relay.client.post("/v1/batch", json={"batch": []},
                                            headers=basic(WRITE_KEY))
