@@ -83,6 +83,7 @@ class Router:
         self._offset = time.time() - trio.current_time()
         self._stop = trio.Event()
         self._hurry = trio.Event()
+        self._accepting_now = 0  # accept() calls under way
         self._to_partition: trio.MemorySendChannel[Journaled]
         self.partition: Partition
         self.sender: Sender
@@ -116,6 +117,17 @@ class Router:
             return Accepted(0, 0)
         if not self.accepting:
             raise Overloaded("the router is not running")
+        self._accepting_now += 1
+        try:
+            return await self._accept(write_key, messages, items, shared, contexts, count)
+        finally:
+            self._accepting_now -= 1
+            self.progress.fire()
+
+    async def _accept(
+        self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[bytes],
+        shared: bytes | None, contexts: Sequence[bytes | None] | None, count: int,
+    ) -> Accepted:
         if self.spool.full or self._disk_full():
             raise Overloaded("spool is over its disk cap")
         if not await self.admission.acquire(count, ADMISSION_WAIT, write_key):
@@ -274,7 +286,8 @@ class Router:
         self._stop.set()
 
     async def _drain_for_grace(self) -> bool:
-        """Drain until idle, the grace period ends or a second stop; True if idle."""
+        """Close the stages one after the other, each finishing its work, until all are
+        done, the grace period ends or a second stop comes; True if all finished."""
         async with trio.open_nursery() as nursery:
             async def hurry() -> None:
                 await self._hurry.wait()
@@ -282,9 +295,19 @@ class Router:
 
             nursery.start_soon(hurry)
             with trio.move_on_after(self.config.grace):
-                await self.drain()
+                await self._close_stages()
             nursery.cancel_scope.cancel()
-        return self.idle()
+        return self.sender.finished.is_set()
+
+    async def _close_stages(self) -> None:
+        # Requests already past the accepting check finish their journal write
+        # and hand-off first; new ones are answered 503.
+        while self._accepting_now:
+            await self.progress.wait()
+        self._to_partition.close()
+        await self.partition.finished.wait()  # every round committed and handed on
+        self.sender.close()
+        await self.sender.finished.wait()  # every lane's rows answered, answers recorded
 
 
 def make_dialect(config: Config) -> Dialect:

@@ -168,6 +168,7 @@ class Partition:
         self.next_key = 1
         self.busy = False  # a round is between its first turn and its hand-off
         self.changed = changed or Broadcast()  # fired when a round ends or commits
+        self.finished = trio.Event()  # run() has ended: its channel closed, rounds committed
         self.rounds_in_flight = 0
         self._chain = st.Chain()  # rounds commit in the order they were played
         # At most two rounds commit while the next one's turns run.
@@ -237,6 +238,13 @@ class Partition:
         self, inbox: trio.MemoryReceiveChannel[Journaled], *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        try:
+            await self._run(inbox, task_status)
+        finally:
+            self.finished.set()
+
+    async def _run(self, inbox: trio.MemoryReceiveChannel[Journaled],
+                   task_status: trio.TaskStatus[None]) -> None:
         journal_max = await self.load()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._committer)

@@ -221,6 +221,8 @@ class Sender:
         self._retiring = False
         self._auth_reported: set[str] = set()
         self._prepared: dict[str, Prepared] = {}
+        self._lanes_running = lanes
+        self.finished = trio.Event()  # run() has ended
 
     # --- the customers stage's side --------------------------------------------------------
 
@@ -233,7 +235,7 @@ class Sender:
                 lane.queued += 1
                 lane.queued_commands += row.remaining
                 return
-            except trio.WouldBlock:
+            except (trio.WouldBlock, trio.ClosedResourceError):
                 lane.backlog_on_disk = True
         lane.backlog_upto = max(lane.backlog_upto, row.seq)
 
@@ -254,11 +256,27 @@ class Sender:
     # --- running ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            for lane in self.lanes:
-                nursery.start_soon(self._lane, lane)
-            nursery.start_soon(self._retirer)
-            task_status.started()
+        """Run the lanes and the retirer until ``close`` and their work is done."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for lane in self.lanes:
+                    nursery.start_soon(self._run_lane, lane)
+                nursery.start_soon(self._retirer)
+                task_status.started()
+        finally:
+            self.finished.set()
+
+    def close(self) -> None:
+        """No more rows: each lane finishes what it holds and on disk, then ends."""
+        for lane in self.lanes:
+            lane.send.close()
+
+    async def _run_lane(self, lane: Lane) -> None:
+        try:
+            await self._lane(lane)
+        finally:
+            self._lanes_running -= 1
+            self._answers_ready.set()  # the retirer ends after the last lane
 
     async def _lane(self, lane: Lane) -> None:
         while True:
@@ -469,6 +487,8 @@ class Sender:
             self._answers_ready = trio.Event()
             answers, self._answers = self._answers, _Answers()
             if not answers:
+                if not self._lanes_running:
+                    return
                 continue
             self._retiring = True
             try:
