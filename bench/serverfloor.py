@@ -2,7 +2,7 @@
 
 ``python -m bench.serverfloor`` serves a null handler (reads the body, answers
 ``{"success":true}``) in a child process on 127.0.0.1 and drives it with
-``bench.load`` as the framework floor drives hypercorn: 8 connections of
+``bench.load`` as the relay's max-rate phases are driven: 8 connections of
 100-message batches, then 32 connections of single messages. It prints the
 server process's CPU µs per request for both; 1e6 / µs is the most requests a
 second one core can serve before the relay does any work.

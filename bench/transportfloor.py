@@ -1,6 +1,6 @@
 """The client floor per transport: httpx's own against the relay's ``router.transport``.
 
-Posts the legacy bulk bodies of 50 commands the framework floor uses to the
+Posts legacy bulk bodies of 50 commands (``bench.data.legacy_bodies``) to the
 simulator in counting mode (another process), with as many lanes as the relay
 has by default, each with one request in flight, and times this process's CPU
 per request. The two transports take turns, so drift on a shared machine hits
