@@ -122,7 +122,8 @@ class Router:
             return await self._accept(write_key, messages, items, shared, contexts, count)
         finally:
             self._accepting_now -= 1
-            self.progress.fire()
+            if not self._accepting_now:
+                self.progress.fire()  # a stopping relay waits for this moment
 
     async def _accept(
         self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[bytes],

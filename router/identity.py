@@ -30,10 +30,12 @@ from .mapping import LimitExceeded
 MAX_COOKIES = 100
 
 
-def id_keys(message: dict[str, Any]) -> list[str]:
-    """The index keys a call's ids use (alias: userId and previousId)."""
+def lookup_keys(message: dict[str, Any]) -> list[str]:
+    """Every index key resolving ``message`` reads: its ids, and for an alias also
+    previousId as a userId (another customer's registered id is refused)."""
     if message["type"] == "alias":
-        return ["r:" + message["userId"], "c:" + message["previousId"]]
+        previous = message["previousId"]
+        return ["r:" + message["userId"], "c:" + previous, "r:" + previous]
     keys = []
     user = message.get("userId")
     if user is not None:
@@ -41,14 +43,6 @@ def id_keys(message: dict[str, Any]) -> list[str]:
     anon = message.get("anonymousId")
     if anon is not None:
         keys.append("c:" + anon)
-    return keys
-
-
-def lookup_keys(message: dict[str, Any]) -> list[str]:
-    """Every index key resolving ``message`` reads (alias also checks previousId as a userId)."""
-    keys = id_keys(message)
-    if message["type"] == "alias":
-        keys.append("r:" + message["previousId"])
     return keys
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +19,15 @@ from router import Accepted, Config, Router, open_router
 from router import store as st
 
 WRITE_KEY = "wk"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The real ``infinario-router`` command, with no ``ROUTER_*`` settings but ``env``."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("ROUTER_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "router", *args], capture_output=True,
+                          text=True, timeout=60, env=full_env, cwd=cwd)
 PROJECT = "proj"
 
 

@@ -9,6 +9,8 @@ import pytest
 from router import config as cfg
 from router.errors import ConfigError
 
+from .conftest import run_cli
+
 
 class TestLoad:
     """Flags beat the environment, which beats the TOML file, which beats the defaults."""
@@ -100,16 +102,6 @@ class TestCli:
         )
         assert result.returncode == 2
         assert "write-key" in result.stderr.strip().splitlines()[-1]
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    import os
-
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("ROUTER_")}
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "router", *args], capture_output=True,
-                          text=True, timeout=60, env=full_env, cwd=cwd)
 
 
 class TestPrecedence:

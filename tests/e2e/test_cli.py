@@ -16,16 +16,11 @@ import trio
 
 from router.simulator import Simulator, run_simulator
 
+from ..conftest import run_cli
 from .harness import eventually
 from .processes import RelayProcess
 
-
-def cli(*args: str, env: dict[str, str] | None = None,
-        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("ROUTER_")}
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "router", *args], capture_output=True,
-                          text=True, timeout=60, env=full_env, cwd=cwd)
+cli = run_cli
 
 
 def free_port() -> int:
