@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,10 @@ import trio
 
 from router import Accepted, Config, Router, open_router
 from router import store as st
+
+from .redisserver import RedisServer
+from .redisserver import available as redis_available
+from .redisserver import required as redis_required
 
 WRITE_KEY = "wk"
 
@@ -143,3 +147,37 @@ async def relay(tmp_path: Path, relay_options: dict[str, Any]) -> AsyncIterator[
         assert router.url is not None
         async with httpx.AsyncClient(base_url=router.url, timeout=10) as client:
             yield Relay(router, client, infinario, accepted, items, shared_parts)
+
+
+# --- Redis -------------------------------------------------------------------------------------
+
+_redis_skipped: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session; tests get a flushed database from ``redis_url``."""
+    if not redis_available():
+        if redis_required():
+            pytest.fail("redis-server is not on PATH; .ci/run installs Debian's redis-server")
+        _redis_skipped.append("redis-server")
+        pytest.skip("redis-server is not on PATH: the Redis tests did NOT run")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    assert redis_server.cli("FLUSHALL") == "OK"
+    return redis_server.url
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _redis_skipped:
+        terminalreporter.write_sep(
+            "!", "Redis tests SKIPPED: install redis-server (Debian package) to run them",
+            red=True, bold=True)
