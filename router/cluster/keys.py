@@ -1,0 +1,78 @@
+"""The Redis key names of one project; all share the hash tag ``{project}``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "actors"  # the consumer group on every input stream; its consumer is the partition name
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names for ``project``; ``partitions`` is fixed for the life of the project's data."""
+
+    project: str
+    partitions: int
+
+    @property
+    def tag(self) -> str:
+        return "{" + self.project + "}"
+
+    def dedup(self, slot: int) -> str:
+        return f"dd:{self.tag}:{slot}"  # messageId hashes seen in one time slot
+
+    @property
+    def ids(self) -> str:
+        return f"id:{self.tag}"  # "r:<userId>" / "c:<anonymousId>" -> customer key
+
+    @property
+    def registered(self) -> str:
+        return f"reg:{self.tag}"  # customer key -> its registered id
+
+    @property
+    def forward(self) -> str:
+        return f"fwd:{self.tag}"  # merged customer key -> survivor
+
+    @property
+    def next_key(self) -> str:
+        return f"nk:{self.tag}"
+
+    def cookies(self, key: int) -> str:
+        return f"ck:{self.tag}:{key}"  # the customer's cookies, oldest first
+
+    def partition(self, key: int) -> int:
+        return key % self.partitions
+
+    def inbox(self, partition: int) -> str:
+        return f"in:{self.tag}:{partition}"
+
+    def states(self, partition: int) -> str:
+        return f"cs:{self.tag}:{partition}"
+
+    def timers(self, partition: int) -> str:
+        return f"tm:{self.tag}:{partition}"
+
+    def outbox(self, partition: int) -> str:
+        return f"out:{self.tag}:{partition}"
+
+    def lease(self, partition: int) -> str:
+        return f"lease:{self.tag}:{partition}"
+
+    def round(self, partition: int) -> str:
+        return f"round:{self.tag}:{partition}"
+
+    @property
+    def fence(self) -> str:
+        return f"fence:{self.tag}"  # the counter fencing tokens are drawn from
+
+    @property
+    def schema(self) -> str:
+        return f"schema:{self.tag}"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"dl:{self.tag}"
+
+    @property
+    def workers(self) -> str:
+        return f"workers:{self.tag}"
