@@ -384,7 +384,7 @@ async def open_router(
             dialect = make_dialect(config)
             spooled = await _startup(router, store, config.concurrency, dialect)
             router.sender = Sender(
-                store=store, dialect=dialect, base_url=config.infinario_url,
+                backlog=outbox.SqliteBacklog(store), dialect=dialect, base_url=config.infinario_url,
                 lanes=config.concurrency, transport=transport,
                 timeout=config.request_timeout, retry_window=config.retry_window,
                 rate_limit=config.effective_rate_limit, metrics=metrics, spool=router.spool,
@@ -403,7 +403,7 @@ async def open_router(
             router._to_partition = send
             await nursery.start(router.partition.run, receive)
             await nursery.start(router.sender.run)
-            nursery.start_soon(router.sender.watch_replays, router.outbox_seq)
+            nursery.start_soon(router.sender.watch_replays, store, router.outbox_seq)
             nursery.start_soon(_sweep_dedup, router)
             _gauges(router)
             if config.admin_listen is not None:

@@ -19,7 +19,8 @@ import sqlite3
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 import msgspec
 
@@ -144,6 +145,35 @@ def load_lane(conn: sqlite3.Connection, *, lane: int, after: int,
         "SELECT seq, lane, project, customers, body, done, first_at FROM outbox "
         "WHERE lane = ? AND seq > ? ORDER BY seq LIMIT ?", (lane, after, limit),
     ).fetchall()]
+
+
+class Backlog(Protocol):
+    """Where a sender's committed rows wait for Infinario's final answers."""
+
+    async def load_lane(self, lane: int, after: int, limit: int) -> list[OutboxRow]:
+        """The lane's rows numbered above ``after``, in order."""
+        ...
+
+    async def record(self, finished: Sequence[int], partial: Sequence[tuple[bytes, int]],
+                     dead: Sequence[tuple[Any, ...]]) -> None:
+        """Answers as ``progress`` takes them; raises ``StorageUnavailable`` when nothing
+        was recorded (the sender keeps them and tries again)."""
+        ...
+
+
+class SqliteBacklog:
+    """The embedded relay's backlog: the ``outbox`` table, through the store's writer."""
+
+    def __init__(self, store: st.Store) -> None:
+        self.store = store
+
+    async def load_lane(self, lane: int, after: int, limit: int) -> list[OutboxRow]:
+        return await self.store.call(partial(load_lane, lane=lane, after=after, limit=limit))
+
+    async def record(self, finished: Sequence[int], partial: Sequence[tuple[bytes, int]],
+                     dead: Sequence[tuple[Any, ...]]) -> None:
+        await self.store.call(
+            lambda conn: progress(conn, finished=finished, partial=partial, dead=dead))
 
 
 def spool_bytes(conn: sqlite3.Connection) -> int:

@@ -182,7 +182,7 @@ class Sender:
     def __init__(
         self,
         *,
-        store: st.Store,
+        backlog: outbox.Backlog,
         dialect: Dialect,
         base_url: str,
         lanes: int,
@@ -197,7 +197,7 @@ class Sender:
         linger: float = DEFAULT_LINGER,
         changed: Broadcast | None = None,
     ) -> None:
-        self.store = store
+        self.backlog = backlog
         self.dialect = dialect
         self.base_url = base_url
         self.transport = transport
@@ -334,8 +334,7 @@ class Sender:
         """Read the lane's rows that exist only on disk, in order."""
         after = lane.loaded_upto
         limit = max(1, self.window // MAX_COMMANDS)
-        rows = await self.store.call(partial(outbox.load_lane, lane=lane.index, after=after,
-                                             limit=limit))
+        rows = await self.backlog.load_lane(lane.index, after, limit)
         for row in rows:
             self._hold(lane, row)
         if len(rows) < limit and lane.loaded_upto >= lane.backlog_upto:
@@ -495,7 +494,7 @@ class Sender:
                 finished = [row.seq for row in answers.finished]
                 partial = [(bytes(row.final), row.seq) for row in answers.partial.values()]
                 try:
-                    await self.store.call(partial_op(finished, partial, answers.dead))
+                    await self.backlog.record(finished, partial, answers.dead)
                 except StorageUnavailable:
                     # Nothing was recorded: keep the answers, record them with the next.
                     self._answers = answers.then(self._answers)
@@ -509,18 +508,19 @@ class Sender:
 
     # --- dead letters replayed while running -----------------------------------------------
 
-    async def watch_replays(self, seqs: st.SeqCounter, interval: float = REPLAY_INTERVAL) -> None:
+    async def watch_replays(self, store: st.Store, seqs: st.SeqCounter,
+                            interval: float = REPLAY_INTERVAL) -> None:
         """Pick up dead letters marked for replay by ``infinario-router dead-letters replay``."""
         while True:
             await trio.sleep(interval)
             try:
-                letters = await self.store.call(outbox.marked)
+                letters = await store.call(outbox.marked)
                 if not letters:
                     continue
                 # Rows are numbered here, in the trio thread, like every other outbox row.
                 made = outbox.replay_rows(letters, lanes=len(self.lanes), dialect=self.dialect,
                                           now=self.wall(), seqs=seqs)
-                moved = await self.store.call(partial(
+                moved = await store.call(partial(
                     outbox.replay, ids=[letter[0] for letter in letters],
                     records=[record for record, _ in made]))
             except StorageUnavailable:
@@ -531,7 +531,3 @@ class Sender:
                 for _, row in made:
                     self.offer(row)
 
-
-def partial_op(finished: list[int], partial_rows: list[tuple[bytes, int]],
-               dead: list[tuple[Any, ...]]) -> Callable[[Any], None]:
-    return lambda conn: outbox.progress(conn, finished=finished, partial=partial_rows, dead=dead)

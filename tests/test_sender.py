@@ -83,7 +83,8 @@ async def commit(store: st.Store, made: list[outbox.OutboxRow]) -> None:
 
 def sender(store: st.Store, infinario: Recorder, *, lanes: int, window: int = 500,
            spool: Spool | None = None) -> Sender:
-    return Sender(store=store, dialect=Legacy(), base_url="http://infinario.test", lanes=lanes,
+    return Sender(backlog=outbox.SqliteBacklog(store), dialect=Legacy(),
+                  base_url="http://infinario.test", lanes=lanes,
                   transport=httpx.MockTransport(infinario.handler), timeout=5,
                   retry_window=3600, rate_limit=None, metrics=Metrics(),
                   spool=spool or Spool(10**9), wall=lambda: 1_000.0, window=window, linger=0)
