@@ -90,6 +90,15 @@ def _serve_parser(sub: Any) -> None:
                    "requires a valid X-Signature")
     p.add_argument("--max-connections",
                    help="client connections held at once; past it new ones get 503 (1024)")
+    p.add_argument("--redis", metavar="redis://HOST:PORT/DB",
+                   help="run as one of many relay processes sharing this Redis (off: one "
+                   "process with its own data dir)")
+    p.add_argument("--role", metavar="all|intake|worker",
+                   help="with --redis: intake serves HTTP, worker owns partitions and sends "
+                   "to Infinario, all does both (all)")
+    p.add_argument("--partitions",
+                   help=f"with --redis: partitions per project ({cfg.DEFAULT_PARTITIONS}); "
+                   "fixed once a project has data")
     p.add_argument("--simulate", action="store_const", const=True,
                    help="run the built-in Infinario simulator and deliver to it")
     p.add_argument("--simulator-listen",

@@ -39,8 +39,12 @@ DEFAULT_REQUEST_TIMEOUT = 15.0
 DEFAULT_LIMIT = 255
 DEFAULT_MAX_CONNECTIONS = 1024
 MAX_CONCURRENCY = 256
+MAX_PARTITIONS = 1024
+
+DEFAULT_PARTITIONS = 16
 
 Api = Literal["legacy", "v2"]
+Role = Literal["all", "intake", "worker"]
 LogFormat = Literal["json", "console"]
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -98,6 +102,12 @@ class Config:
     webhook_secret: str | None = None
     # Client connections the intake holds at once; past it new ones get a 503.
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # redis://HOST:PORT/DB: run as one of many processes sharing this Redis (None: embedded).
+    redis: str | None = None
+    # With redis: "intake" serves HTTP only, "worker" owns partitions and sends, "all" both.
+    role: Role = "all"
+    # With redis: partitions per project, fixed once a project has data in Redis.
+    partitions: int = DEFAULT_PARTITIONS
 
     def __post_init__(self) -> None:
         if not isinstance(self.data_dir, Path):
@@ -129,7 +139,7 @@ class Config:
                 value = {fingerprint(k): "***" for k in value}
             elif f.name in ("infinario_auth", "webhook_secret"):
                 value = None if value is None else "***"
-            elif f.name == "infinario_url":
+            elif f.name in ("infinario_url", "redis") and value is not None:
                 value = redact_url(value)
             elif isinstance(value, Path):
                 value = str(value)
@@ -230,6 +240,14 @@ def validate(config: Config) -> None:
         except ConfigError as exc:
             detail = str(exc).removeprefix("infinario-auth: ")
             raise ConfigError(f"projects.{fingerprint(project)}.auth: {detail}") from None
+    _choice("role", config.role, ("all", "intake", "worker"))
+    if config.redis is not None:
+        _validate_redis_url(config.redis)
+    elif config.role != "all":
+        raise ConfigError(f"role: {config.role} needs --redis; a relay without Redis does "
+                          "everything in one process")
+    if not 1 <= config.partitions <= MAX_PARTITIONS:
+        raise ConfigError(f"partitions: expected 1 to {MAX_PARTITIONS}, got {config.partitions!r}")
     _choice("log-format", config.log_format, ("json", "console"))
     _choice("log-level", config.log_level.lower(), LOG_LEVELS, shown=config.log_level)
 
@@ -242,6 +260,21 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...], shown: Any = None) 
     if value not in allowed:
         words = ", ".join(allowed[:-1]) + " or " + allowed[-1]
         raise ConfigError(f"{name}: expected {words}, got {value if shown is None else shown!r}")
+
+
+def _validate_redis_url(url: str) -> None:
+    parts = urlsplit(url) if isinstance(url, str) else None
+    shown = redact_url(url) if isinstance(url, str) else url
+    if parts is None or parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError(f"redis: expected redis://HOST:PORT/DB, got {shown!r}")
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number in 0-65535
+    except ValueError:
+        raise ConfigError(f"redis: the port must be a number up to 65535, got {shown!r}") \
+            from None
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ConfigError(f"redis: the database must be a number, got {shown!r}")
 
 
 def _validate_url(url: str) -> None:
