@@ -512,7 +512,7 @@ def _router_error(group: BaseExceptionGroup[BaseException]) -> RouterError | Non
 
 
 async def _serve(config: Config, signals: Any, task_status: trio.TaskStatus[Router]) -> None:
-    running: list[Router] = []
+    running: list[Any] = []  # the Router, or the Redis mode's ClusterRouter
     signalled = trio.Event()
     async with trio.open_nursery() as watcher:
         async def watch() -> None:
@@ -523,7 +523,12 @@ async def _serve(config: Config, signals: Any, task_status: trio.TaskStatus[Rout
                     router.stop()
 
         watcher.start_soon(watch)
-        async with open_router(config, http=True) as router:
+        opener: Any = open_router
+        if config.redis is not None:
+            from .cluster.node import open_cluster
+
+            opener = open_cluster
+        async with opener(config, http=True) as router:
             running.append(router)
             if signalled.is_set():
                 router.stop()

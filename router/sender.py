@@ -196,6 +196,7 @@ class Sender:
         window: int = DEFAULT_LANE_WINDOW,
         linger: float = DEFAULT_LINGER,
         changed: Broadcast | None = None,
+        bucket: TokenBucket | None = None,
     ) -> None:
         self.backlog = backlog
         self.dialect = dialect
@@ -203,7 +204,8 @@ class Sender:
         self.transport = transport
         self._timeout = httpx.Timeout(timeout).as_dict()
         self.retry_window = retry_window
-        self.bucket = TokenBucket(rate_limit) if rate_limit else None
+        # Senders that share one rate limit (a worker's partitions) share a bucket.
+        self.bucket = bucket or (TokenBucket(rate_limit) if rate_limit else None)
         self.metrics = metrics
         self.spool = spool
         self.wall = wall
@@ -265,6 +267,11 @@ class Sender:
                 task_status.started()
         finally:
             self.finished.set()
+
+    def reload(self) -> None:
+        """Rows were stored that were never offered: each lane reads its backlog again."""
+        for lane in self.lanes:
+            lane.backlog_on_disk = True
 
     def close(self) -> None:
         """No more rows: each lane finishes what it holds and on disk, then ends."""

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from router.cluster.actors import Entry, PartitionActors, Round
-from router.commands import decode_command, encode_command
+from router.commands import Command, decode_command, encode_command
 from router.customer import CustomerState, state_decoder, state_encoder
 from router.mapping import EventPolicy, Limits, Schema
 
@@ -123,3 +123,13 @@ def test_a_refused_message_is_acknowledged_as_a_dead_letter() -> None:
     a.apply(refused, r, NOW)
     assert refused.id in r.acked
     assert [(key, code) for key, _, code, _ in r.refused] == [(1, "event_type_limit")]
+
+
+def test_a_replayed_dead_letter_becomes_a_command_in_order() -> None:
+    a = actors()
+    r = Round()
+    command = encode_command(Command("event", "proj", {"registered": "u1"}, {"x": 1}, NOW,
+                                     "replayed"))
+    replay = entry(1, "replay", command=command)
+    a.apply(replay, r, NOW)
+    assert events(r) == [(1, "replayed", '{"registered": "u1"}')] and r.acked == [replay.id]

@@ -27,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from ..commands import Command
+from ..commands import Command, decode_command
 from ..customer import (
     CHANGES_STATE,
     CustomerState,
@@ -51,11 +51,11 @@ class Entry:
 
     id: str
     key: int
-    control: str | None  # None for a message; "handoff", "absorb" or "drop"
+    control: str | None  # None for a message; "handoff", "absorb", "drop" or "replay"
     fields: Mapping[str, bytes]
 
     @classmethod
-    def parse(cls, entry_id: bytes | str, raw: Mapping[bytes | str, bytes | str]) -> Entry:
+    def parse(cls, entry_id: bytes | str, raw: Mapping[Any, bytes | str]) -> Entry:
         fields = {_text(name): _bytes(value) for name, value in raw.items()}
         control = fields.get("c")
         return cls(_text(entry_id), int(fields["k"]), control.decode() if control else None,
@@ -148,6 +148,12 @@ class PartitionActors:
             self._handoff(entry, round_)
         elif entry.control == "absorb":
             self._absorb_arrived(entry, round_, now)
+        elif entry.control == "replay":
+            # A dead letter sent again (``dead-letters replay``): in this customer's
+            # order, encoded in today's dialect.
+            command = decode_command(entry.fields["command"])
+            round_.commands.append((entry.key, self.project, self.encode(command)))
+            round_.acked.append(entry.id)
         else:
             raise ValueError(f"unknown control entry {entry.control!r} in {entry.id}")
 

@@ -45,14 +45,18 @@ class OutboxEntry:
     lane: int
     body: bytes  # the commands' wire form
     count: int  # how many commands ``body`` holds
+    customers: bytes = b""  # each command's customer (outbox.pack_customers)
+    first_at: float = 0.0  # when the commands were made: their retry window starts here
 
     def fields(self) -> dict[bytes, bytes]:
-        return {b"lane": b"%d" % self.lane, b"body": self.body, b"count": b"%d" % self.count}
+        return {b"lane": b"%d" % self.lane, b"body": self.body, b"count": b"%d" % self.count,
+                b"customers": self.customers, b"first_at": repr(self.first_at).encode()}
 
     @classmethod
     def from_fields(cls, fields: Fields) -> OutboxEntry:
         try:
-            return cls(int(fields[b"lane"]), fields[b"body"], int(fields[b"count"]))
+            return cls(int(fields[b"lane"]), fields[b"body"], int(fields[b"count"]),
+                       fields.get(b"customers", b""), float(fields.get(b"first_at", b"0")))
         except (KeyError, ValueError) as error:
             raise ValueError(f"not an outbox entry: {dict(fields)!r} ({error})") from None
 
@@ -149,7 +153,8 @@ class Commits:
         for entry_id, reason in dead:
             args += [entry_id, reason]
         reply: ResponseType = await self._finish(
-            [self.keys.lease(partition), self.keys.outbox(partition), self.keys.dead_letters],
+            [self.keys.lease(partition), self.keys.outbox(partition), self.keys.dead_letters,
+             self.keys.progress(partition)],
             args)
         outcome, counts = _status(reply, "finish")
         if outcome is Outcome.FENCED:

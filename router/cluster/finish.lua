@@ -2,7 +2,7 @@
 -- The sender's end of one partition's outbox (commit.py): delete the entries whose
 -- commands are final, and move the ones that expired to the dead letters.
 --
--- KEYS  1 lease   2 outbox   3 dead letters
+-- KEYS  1 lease   2 outbox   3 dead letters   4 partial progress (hash: entry id -> marks)
 -- ARGV  1 token   2 partition   3 n, id * n (done)   then m, (id, reason) * m (dead)
 -- Reply {'FENCED'} (nothing written) or {'OK', entries deleted, entries dead-lettered}.
 --
@@ -16,7 +16,7 @@ if not n then error('finish.lua: bad count ' .. tostring(ARGV[3])) end
 local m = tonumber(ARGV[4 + n])
 if not m or #ARGV ~= 4 + n + 2 * m then error('finish.lua: ARGV does not match its counts') end
 
-for i, kind in ipairs({'string', 'stream', 'stream'}) do
+for i, kind in ipairs({'string', 'stream', 'stream', 'hash'}) do
   local found = redis.call('TYPE', KEYS[i]).ok
   if found ~= 'none' and found ~= kind then
     error('finish.lua: ' .. KEYS[i] .. ' is a ' .. found .. ', expected a ' .. kind)
@@ -28,6 +28,7 @@ if redis.call('GET', KEYS[1]) ~= token then return {'FENCED'} end
 local deleted, moved = 0, 0
 for i = 4, 3 + n do
   deleted = deleted + redis.call('XDEL', KEYS[2], ARGV[i])
+  redis.call('HDEL', KEYS[4], ARGV[i])
 end
 for i = 5 + n, #ARGV, 2 do
   local id, reason = ARGV[i], ARGV[i + 1]
@@ -42,6 +43,7 @@ for i = 5 + n, #ARGV, 2 do
     fields[#fields + 1] = id
     redis.call('XADD', KEYS[3], '*', unpack(fields))
     deleted = deleted + redis.call('XDEL', KEYS[2], id)
+    redis.call('HDEL', KEYS[4], id)
     moved = moved + 1
   end
 end

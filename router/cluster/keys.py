@@ -55,6 +55,9 @@ class Keys:
     def outbox(self, partition: int) -> str:
         return f"out:{self.tag}:{partition}"
 
+    def progress(self, partition: int) -> str:
+        return f"done:{self.tag}:{partition}"  # outbox entry id -> which commands are final
+
     def lease(self, partition: int) -> str:
         return f"lease:{self.tag}:{partition}"
 
@@ -64,6 +67,10 @@ class Keys:
     @property
     def fence(self) -> str:
         return f"fence:{self.tag}"  # the counter fencing tokens are drawn from
+
+    @property
+    def meta(self) -> str:
+        return f"meta:{self.tag}"  # the project's fixed settings (its partition count)
 
     @property
     def schema(self) -> str:
