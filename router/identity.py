@@ -46,6 +46,16 @@ def lookup_keys(message: dict[str, Any]) -> list[str]:
     return keys
 
 
+def alias_refused(previous_id: str) -> LimitExceeded:
+    """The refusal of an alias whose previousId is another customer's registered id
+    (route.lua dead-letters the same text)."""
+    return LimitExceeded(
+        code="alias_registered",
+        reason=f"alias previousId {previous_id!r} is another customer's registered id; "
+        "Infinario cannot merge two registered customers",
+    )
+
+
 @dataclass(slots=True)
 class Changes:
     """What resolving calls changed, to be committed with their commands."""
@@ -107,11 +117,7 @@ class Identity:
         if message["type"] == "alias" and by_cookie is None and cookie is not None:
             other = self._find(customers, project, "r:", cookie)
             if other is not None and other is not by_registered:
-                raise LimitExceeded(
-                    code="alias_registered",
-                    reason=f"alias previousId {cookie!r} is another customer's registered id; "
-                    "Infinario cannot merge two registered customers",
-                )
+                raise alias_refused(cookie)
 
         if by_registered is None and by_cookie is None:
             state = customers.create(project)

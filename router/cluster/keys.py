@@ -37,14 +37,22 @@ class Keys:
     def next_key(self) -> str:
         return f"nk:{self.tag}"
 
+    @property
+    def cookies_prefix(self) -> str:
+        return f"ck:{self.tag}:"  # route.lua appends the customer keys it resolves
+
     def cookies(self, key: int) -> str:
-        return f"ck:{self.tag}:{key}"  # the customer's cookies, oldest first
+        return f"{self.cookies_prefix}{key}"  # the customer's cookies, oldest first
 
     def partition(self, key: int) -> int:
         return key % self.partitions
 
+    @property
+    def inbox_prefix(self) -> str:
+        return f"in:{self.tag}:"  # route.lua appends the partitions of the keys it resolves
+
     def inbox(self, partition: int) -> str:
-        return f"in:{self.tag}:{partition}"
+        return f"{self.inbox_prefix}{partition}"
 
     def states(self, partition: int) -> str:
         return f"cs:{self.tag}:{partition}"
