@@ -180,9 +180,17 @@ async def open_cluster(
                             for worker in router.workers:
                                 leaving.start_soon(worker.leave)
                     nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The client's own tasks wrap a startup error: give it back as one line.
+        from ..app import _router_error
+
+        first = _router_error(group)
+        if first is None:
+            raise
+        raise first from None
     finally:
         await transport.aclose()
-        log.info("router stopped")
+    log.info("router stopped")
 
 
 async def _start_workers(nursery: trio.Nursery, router: ClusterRouter,
