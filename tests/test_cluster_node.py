@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from router.cluster.node import open_cluster
 from router.errors import ConfigError, StartupError
 
 from .conftest import WRITE_KEY, FakeInfinario, relay_config
-from .redisserver import free_port
+from .redisserver import RedisServer, free_port
 
 pytestmark = pytest.mark.redis
 
@@ -90,6 +91,15 @@ def by_registered(commands: list[dict[str, Any]]) -> dict[str, list[str]]:
     return dict(out)
 
 
+async def wait_for(done: Callable[[], bool], within: float = 20.0) -> None:
+    """Poll ``done`` every 20 ms, at most ``within`` seconds."""
+    for _ in range(int(within / 0.02)):
+        if done():
+            return
+        await trio.sleep(0.02)
+    raise AssertionError(f"not done within {within} s")
+
+
 async def embedded(tmp_path: Path, batches: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     infinario = FakeInfinario()
     config = relay_config(tmp_path / "embedded")
@@ -110,9 +120,7 @@ async def clustered(redis_url: str, batches: list[list[dict[str, Any]]],
                             transport=httpx.MockTransport(infinario.handler)) as router:
         assert router.url is not None
         await send(router.url, batches)
-        with trio.fail_after(20):
-            while len(infinario.commands) < expected:
-                await trio.sleep(0.02)
+        await wait_for(lambda: len(infinario.commands) >= expected, within=20)
         await trio.sleep(0.2)  # nothing more may come
     return infinario.commands
 
@@ -136,7 +144,7 @@ async def test_a_retried_request_is_not_delivered_twice(tmp_path: Path, redis_ur
 
 async def test_unreachable_redis_is_a_startup_error(tmp_path: Path) -> None:
     config = relay_config(tmp_path, redis=f"redis://127.0.0.1:{free_port()}/0")
-    with pytest.raises(StartupError, match="redis: cannot reach redis://127.0.0.1"):
+    with pytest.raises(StartupError, match=r"redis: cannot reach redis://127\.0\.0\.1"):
         async with open_cluster(config):
             pass
 
@@ -148,3 +156,89 @@ async def test_the_partition_count_is_fixed_once_a_project_has_data(
     with pytest.raises(ConfigError, match="start with --partitions 4"):
         async with open_cluster(relay_config(tmp_path, redis=redis_url, partitions=8)):
             pass
+
+
+async def test_intake_and_workers_run_apart(tmp_path: Path, redis_url: str) -> None:
+    batches = requests(11, count=10)
+    reference = await embedded(tmp_path, batches)
+    infinario = FakeInfinario()
+    transport = httpx.MockTransport(infinario.handler)
+    base = {"redis": redis_url, "partitions": 4, "linger": 0.0}
+    async with open_cluster(relay_config(tmp_path, role="intake", **base), http=True,
+                            transport=transport) as intake, \
+            open_cluster(relay_config(tmp_path, role="worker", **base), http=True,
+                         transport=transport) as worker:
+        assert intake.url is not None and worker.url is None and not intake.workers
+        await send(intake.url, batches)
+        await wait_for(lambda: len(infinario.commands) >= len(reference), within=20)
+    assert sorted(map(canonical, infinario.commands)) == sorted(map(canonical, reference))
+
+
+async def test_a_lost_redis_gets_503_then_work_resumes(tmp_path: Path) -> None:
+    """Never a 200 while Redis is down; what was acknowledged before is delivered after."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    infinario = FakeInfinario()
+    config = relay_config(tmp_path, redis=server.url, partitions=2, linger=0.0)
+    batches = requests(5, count=6)
+    try:
+        async with open_cluster(config, http=True,
+                                transport=httpx.MockTransport(infinario.handler)) as router:
+            assert router.url is not None
+            await send(router.url, batches[:3])
+            server.stop(hard=True)
+            async with httpx.AsyncClient(base_url=router.url, timeout=10,
+                                         auth=(WRITE_KEY, "")) as client:
+                answer = await client.post("/v1/batch", json={"batch": batches[3]})
+                assert answer.status_code == 503
+                assert answer.headers["retry-after"]
+                assert answer.json()["code"] == "storage_unavailable"
+                health = (await client.get("/health")).json()
+                assert health["status"] == "storage_unavailable"
+            server.start()
+            await send(router.url, batches[3:])
+            expected = await embedded(tmp_path, batches)
+            await wait_for(lambda: len(infinario.commands) >= len(expected), within=30)
+        # At-least-once: a command in flight when Redis went away may come twice.
+        assert set(map(canonical, infinario.commands)) == set(map(canonical, expected))
+    finally:
+        server.stop()
+
+
+async def test_a_full_redis_refuses_whole_requests(tmp_path: Path, redis_url: str,
+                                                   redis_server: RedisServer) -> None:
+    config = relay_config(tmp_path, redis=redis_url, partitions=2, role="intake")
+    async with open_cluster(config, http=True) as router:
+        assert router.url is not None
+        await send(router.url, requests(1, count=2))
+        assert redis_server.cli("CONFIG", "SET", "maxmemory", "1") == "OK"
+        try:
+            before = redis_server.cli("EVAL", "local n = 0 for _, k in ipairs(redis.call("
+                                      "'KEYS', 'in:*')) do n = n + redis.call('XLEN', k) end "
+                                      "return n", "0")
+            async with httpx.AsyncClient(base_url=router.url, timeout=10,
+                                         auth=(WRITE_KEY, "")) as client:
+                answer = await client.post("/v1/batch", json={"batch": requests(2)[0]})
+            assert answer.status_code == 503 and answer.json()["code"] == "storage_unavailable"
+            after = redis_server.cli("EVAL", "local n = 0 for _, k in ipairs(redis.call("
+                                     "'KEYS', 'in:*')) do n = n + redis.call('XLEN', k) end "
+                                     "return n", "0")
+            assert after == before
+        finally:
+            assert redis_server.cli("CONFIG", "SET", "maxmemory", "0") == "OK"
+
+
+async def test_an_unprocessable_entry_is_set_aside_and_the_partition_goes_on(
+        tmp_path: Path, redis_url: str, redis_server: RedisServer) -> None:
+    redis_server.cli("XADD", "in:{proj}:0", "*", "k", "2", "w", WRITE_KEY, "b", "not json")
+    infinario = FakeInfinario()
+    config = relay_config(tmp_path, redis=redis_url, partitions=1, linger=0.0)
+    async with open_cluster(config, http=True,
+                            transport=httpx.MockTransport(infinario.handler)) as router:
+        assert router.url is not None
+        await send(router.url, [[{"type": "track", "userId": "u", "event": "After",
+                                  "messageId": "after"}]])
+        await wait_for(lambda: bool(infinario.commands), within=10)
+    assert infinario.commands[0]["data"]["type"] == "After"
+    assert redis_server.cli("XLEN", "dl:{proj}") == "1"
+    assert "unprocessable" in redis_server.cli("XRANGE", "dl:{proj}", "-", "+")

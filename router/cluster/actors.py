@@ -58,8 +58,11 @@ class Entry:
     def parse(cls, entry_id: bytes | str, raw: Mapping[Any, bytes | str]) -> Entry:
         fields = {_text(name): _bytes(value) for name, value in raw.items()}
         control = fields.get("c")
-        return cls(_text(entry_id), int(fields["k"]), control.decode() if control else None,
-                   fields)
+        try:
+            key = int(fields["k"])
+        except (KeyError, ValueError):
+            key = 0  # apply() sets it aside: no customer can take it
+        return cls(_text(entry_id), key, control.decode() if control else None, fields)
 
     def text(self, name: str) -> str | None:
         value = self.fields.get(name)
@@ -129,6 +132,8 @@ class PartitionActors:
 
     def apply(self, entry: Entry, round_: Round, now: float) -> None:
         """Run ``entry`` now, or hold it back behind its customer's pending merge."""
+        if entry.key <= 0:
+            raise ValueError(f"entry {entry.id} names no customer")
         waiting = self.waiting.get(entry.key)
         if waiting is not None and entry.control != "absorb":
             waiting.entries.append(entry)

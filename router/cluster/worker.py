@@ -180,7 +180,18 @@ class PartitionTask:
         due = self.actors.timers.due(now, READ_COUNT)
         await self._activate({e.key for e in entries} | set(due))
         for count, entry in enumerate(entries, 1):
-            self.actors.apply(entry, round_, now)
+            try:
+                self.actors.apply(entry, round_, now)
+            except NeedsSchema:
+                raise
+            except Exception as exc:
+                # An entry no turn can take must not stop its partition for good (every
+                # owner would fail on it again): set it aside as a dead letter.
+                log.exception("unprocessable entry set aside", partition=self.partition,
+                              project=self.keys.project, entry=entry.id)
+                round_.refused.append((entry.key, entry.fields.get("b", b""),
+                                       "unprocessable", f"{type(exc).__name__}: {exc}"))
+                round_.acked.append(entry.id)
             if count % 256 == 0:
                 await trio.lowlevel.checkpoint()
         for key in due:
@@ -301,6 +312,10 @@ class ProjectWorker:
         except Fenced as exc:
             log.warning("partition lost", project=self.keys.project,
                         partition=lease.partition, reason=str(exc))
+        except Exception:
+            # The other partitions keep running; this one is given back and taken again.
+            log.exception("partition task failed", project=self.keys.project,
+                          partition=lease.partition)
         finally:
             if self.tasks.get(lease.partition) is task:
                 del self.tasks[lease.partition]
