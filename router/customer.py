@@ -19,6 +19,7 @@ from .commands import Command
 from .mapping import (
     EventPolicy,
     ExtrasCache,
+    LimitExceeded,
     Schema,
     clean_properties,
     context_extras,
@@ -226,6 +227,26 @@ def end_session(state: CustomerState, ctx: TurnContext) -> Command:
     command = _session_end(state, ctx)
     close_session(state)
     return command
+
+
+def session_due(state: CustomerState, ctx: TurnContext) -> Command | float | None:
+    """A session timer fired: the ``session_end`` if the session is over, the new
+    deadline if activity moved it (re-arm), or None when no session is open.
+
+    A ``session_end`` the project refuses still ends the session (or its timer
+    would fire forever): ``LimitExceeded`` is raised after closing it.
+    """
+    deadline = state.deadline(ctx.session_timeout)
+    if deadline is None:
+        return None
+    assert ctx.now is not None, "a timer fires at a known time"
+    if deadline > ctx.now:
+        return deadline
+    try:
+        return end_session(state, ctx)
+    except LimitExceeded:
+        close_session(state)
+        raise
 
 
 def close_session(state: CustomerState) -> None:

@@ -43,8 +43,7 @@ from .customer import (
     CHANGES_STATE,
     CustomerState,
     TurnContext,
-    close_session,
-    end_session,
+    session_due,
     state_decoder,
     state_encoder,
     turn,
@@ -453,28 +452,24 @@ class Partition:
         state = self.states.get(key)
         if state is None:
             return  # merged away; the survivor has its own timer
-        deadline = state.deadline(self.session_timeout)
-        if deadline is None:
-            return
-        if deadline > now:
-            self.timers.arm(deadline, key)
-            return
         ctx = TurnContext(state.project, self.schema(state.project), self.policy,
                           self.session_timeout, now)
-        round_.changes.dirty[key] = state
         try:
-            command = end_session(state, ctx)
+            due = session_due(state, ctx)
         except LimitExceeded as exc:
-            # session_end is a new event type the project has no room for. The
-            # session still ends (or its timer would fire forever), unreported;
-            # raising here would stop the partition for every customer.
-            close_session(state)
+            # session_end is a new event type the project has no room for: the
+            # session ended unreported; raising would stop every customer's turns.
+            round_.changes.dirty[key] = state
             self.metrics.inc("messages_refused_total", reason=exc.code)
             log.warning("session_end refused", code=exc.code, reason=exc.reason,
                         customer=key)
             return
-        round_.commands.append((key, state.project, self.encode(command)))
-        self.metrics.inc("sessions_ended_total")
+        if isinstance(due, float):
+            self.timers.arm(due, key)
+        elif due is not None:
+            round_.changes.dirty[key] = state
+            round_.commands.append((key, state.project, self.encode(due)))
+            self.metrics.inc("sessions_ended_total")
 
     def _count(self, round_: Round) -> None:
         """Count a round's work once per round: a counter update per message cost

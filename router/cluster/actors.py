@@ -32,9 +32,8 @@ from ..customer import (
     CHANGES_STATE,
     CustomerState,
     TurnContext,
-    close_session,
-    end_session,
     merge_into,
+    session_due,
     state_decoder,
     state_encoder,
     turn,
@@ -270,17 +269,14 @@ class PartitionActors:
         state = self.states.get(key)
         if state is None or key in self.waiting:
             return  # merged away, or its merge is pending: the survivor's timer decides
-        deadline = state.deadline(self.session_timeout)
-        if deadline is None:
-            return
-        if deadline > now:
-            self.timers.arm(deadline, key)
-            return
         ctx = TurnContext(self.project, self.schema, self.policy, self.session_timeout, now)
-        round_.dirty[key] = state
         try:
-            command = end_session(state, ctx)
+            due = session_due(state, ctx)
         except LimitExceeded:
-            close_session(state)  # as the embedded relay: the session ends unreported
+            round_.dirty[key] = state  # ended unreported, as in the embedded relay
             return
-        round_.commands.append((key, self.project, self.encode(command)))
+        if isinstance(due, float):
+            self.timers.arm(due, key)
+        elif due is not None:
+            round_.dirty[key] = state
+            round_.commands.append((key, self.project, self.encode(due)))
