@@ -242,3 +242,22 @@ async def test_an_unprocessable_entry_is_set_aside_and_the_partition_goes_on(
     assert infinario.commands[0]["data"]["type"] == "After"
     assert redis_server.cli("XLEN", "dl:{proj}") == "1"
     assert "unprocessable" in redis_server.cli("XRANGE", "dl:{proj}", "-", "+")
+
+
+async def test_a_new_owner_sends_what_the_last_one_left_in_the_outbox(
+        tmp_path: Path, redis_url: str) -> None:
+    batches = requests(3, count=6)
+    reference = await embedded(tmp_path, batches)
+    down = httpx.MockTransport(lambda request: httpx.Response(503))
+    config = relay_config(tmp_path, redis=redis_url, partitions=2, linger=0.0,
+                          request_timeout=0.5)
+    async with open_cluster(config, http=True, transport=down) as first:
+        assert first.url is not None
+        await send(first.url, batches)
+        await wait_for(lambda: sum(len(task.sender.lanes[0].rows) for w in first.workers
+                                   for task in w.tasks.values()) > 0)
+    infinario = FakeInfinario()
+    async with open_cluster(config, http=True,
+                            transport=httpx.MockTransport(infinario.handler)):
+        await wait_for(lambda: len(infinario.commands) >= len(reference))
+    assert sorted(map(canonical, infinario.commands)) == sorted(map(canonical, reference))

@@ -115,6 +115,8 @@ class PartitionTask:
         async with trio.open_nursery() as nursery:
             backlog = await self._redis(lambda: self.client.xlen(
                 self.keys.outbox(self.partition)))
+            if backlog:
+                self.sender.reload()  # the last owner's rows go first, read from the stream
             nursery.start_soon(self._send, self.settings.request_timeout if backlog else 0.0)
             await self._load_timers()
             await self._play(await self._redis(lambda: self.inbox.recover(self.token)))
@@ -216,6 +218,7 @@ class PartitionTask:
                 untimed.append(key)
             else:
                 timers[key] = deadline
+        untimed += round_.deleted  # a merged-away customer's timer goes with it
         made = list(outbox.rows_for(round_.commands, 1, now, st.SeqCounter()))
         writes = RoundWrites(
             acks=[a.encode() for a in round_.acked], states=states,
