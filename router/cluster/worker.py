@@ -115,8 +115,7 @@ class PartitionTask:
         async with trio.open_nursery() as nursery:
             backlog = await self._redis(lambda: self.client.xlen(
                 self.keys.outbox(self.partition)))
-            if backlog:
-                self.sender.reload()  # the last owner's rows go first, read from the stream
+            # The sender reads the last owner's rows from the stream before new ones.
             nursery.start_soon(self._send, self.settings.request_timeout if backlog else 0.0)
             await self._load_timers()
             await self._play(await self._redis(lambda: self.inbox.recover(self.token)))
