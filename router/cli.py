@@ -117,32 +117,52 @@ def _limit_flags(p: argparse.ArgumentParser) -> None:
                    help="allow tracking the reserved 'campaign' event type")
 
 
-def _data_dir_flags(p: argparse.ArgumentParser, *, nested: bool) -> None:
+def _store_flags(p: argparse.ArgumentParser, *, nested: bool) -> None:
     # On the actions, a flag that was not given must not overwrite the same flag
     # given before the action: SUPPRESS leaves the attribute alone.
     default = argparse.SUPPRESS if nested else None
     p.add_argument("--data-dir", type=Path, default=default,
                    help="the relay's data dir (ROUTER_DATA_DIR, the config's data_dir, ./var)")
     p.add_argument("--config", type=Path, default=default,
-                   help="TOML file with settings, for data_dir (or ROUTER_CONFIG)")
+                   help="TOML file with settings, for data_dir, redis and partitions "
+                   "(or ROUTER_CONFIG)")
+    p.add_argument("--redis", metavar="redis://HOST:PORT/DB", default=default,
+                   help="the dead letters of the relays sharing this Redis instead of a data "
+                   "dir's (ROUTER_REDIS, the config's redis)")
+    p.add_argument("--partitions", default=default,
+                   help="with --redis: partitions per project, which must be the relay's: "
+                   "replay puts a command in partition customer mod this (ROUTER_PARTITIONS, "
+                   f"the config's partitions, {cfg.DEFAULT_PARTITIONS})")
+
+
+def _dead_id(text: str) -> int | str:
+    """A data dir's dead letters are numbered; Redis's are PROJECT/STREAM-ID."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _dead_parser(sub: Any) -> None:
-    p = sub.add_parser("dead-letters", help="list, show, replay or purge dead letters")
-    _data_dir_flags(p, nested=False)
+    p = sub.add_parser(
+        "dead-letters", help="list, show, replay or purge dead letters",
+        description="Dead letters of the relay's data dir, or with --redis of the relays "
+        "sharing that Redis. Ids: a number for a data dir, PROJECT/STREAM-ID (as list shows "
+        "them) with Redis.")
+    _store_flags(p, nested=False)
     actions = p.add_subparsers(dest="action", required=True)
     ls = actions.add_parser("list", help="one line per dead letter")
     ls.add_argument("--limit", type=int, default=100)
     show = actions.add_parser("show", help="everything about one dead letter")
-    show.add_argument("id", type=int)
-    _data_dir_flags(ls, nested=True)
-    _data_dir_flags(show, nested=True)
+    show.add_argument("id", type=_dead_id)
+    _store_flags(ls, nested=True)
+    _store_flags(show, nested=True)
     for name, text in (("replay", "send again through the normal path"),
                        ("purge", "delete for good")):
         a = actions.add_parser(name, help=text)
-        a.add_argument("ids", type=int, nargs="*")
+        a.add_argument("ids", type=_dead_id, nargs="*")
         a.add_argument("--all", action="store_true", help="every dead letter")
-        _data_dir_flags(a, nested=True)
+        _store_flags(a, nested=True)
 
 
 def _explain_parser(sub: Any) -> None:

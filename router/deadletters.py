@@ -1,8 +1,11 @@
 """``infinario-router dead-letters``: inspect, replay and purge dead letters.
 
-Works on the data dir directly. Replay while the relay runs only marks the rows;
-the running relay moves them back into its outbox within a few seconds. With the
-relay stopped, the rows move at once and go out at its next start.
+Works on the store ``serve`` with the same settings would use: Redis when a Redis
+setting is given (``--redis``, ``ROUTER_REDIS`` or ``redis`` in the config file;
+``cluster/deadletters.py``), else the data dir, directly. There, replay while the
+relay runs only marks the rows; the running relay moves them back into its outbox
+within a few seconds. With the relay stopped, the rows move at once and go out at
+its next start.
 """
 
 from __future__ import annotations
@@ -10,26 +13,106 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from . import config as cfg
 from . import outbox
 from . import store as st
 from .commands import decode_command
-from .errors import StartupError
+from .errors import ConfigError, StartupError
 from .infinario import V2, Dialect, Legacy
 
+REFUSED_NOT_REPLAYED = ("{} refused messages were not replayed: the relay's rules refused them; "
+                        "resend them after changing the configuration")
 
-def _when(value: float) -> str:
+
+def when(value: float) -> str:
     return dt.datetime.fromtimestamp(value, dt.UTC).isoformat(timespec="seconds")
+
+
+def header(id_column: str = ">6") -> str:
+    """The ``list`` header; ``id_column`` aligns the ids (numbers right, text left)."""
+    return f"{'id':{id_column}}  {'when':25}  {'project':16}  {'status':9}  {'tries':>5}  reason"
+
+
+def line(dead_id: object, created: float, project: str, status: str, tries: object,
+         reason: str, id_column: str = ">6") -> str:
+    """One ``list`` line; ``reason`` as it is to be shown, already shortened."""
+    return (f"{dead_id!s:{id_column}}  {when(created):25}  {project[:16]:16}  {status:9}  "
+            f"{tries!s:>5}  {reason}")
+
+
+def command_json(data: bytes) -> dict[str, Any]:
+    """A neutral command (``commands.encode_command``) as ``show`` prints it."""
+    c = decode_command(data)
+    return {"kind": c.kind, "project": c.project, "ids": c.ids, "event_type": c.event_type,
+            "properties": c.properties, "timestamp": c.timestamp}
+
+
+def message_json(origin: bytes) -> Any:
+    """A refused message as ``show`` prints it: its JSON, or its text when it is not JSON."""
+    try:
+        return json.loads(origin)
+    except ValueError:
+        return origin.decode("utf-8", errors="replace")
+
+
+def redis_settings(args: argparse.Namespace,
+                   env: Mapping[str, str] | None = None) -> tuple[str, int] | None:
+    """The Redis URL and partition count, when a Redis setting is given; else None.
+
+    Flag, environment, config file, as for ``serve``; only ``redis`` and ``partitions``
+    are read, so an unrelated setting (a write-key file of another host) cannot fail
+    this tool.
+    """
+    env = os.environ if env is None else env
+    path = cfg.config_path(getattr(args, "config", None), env)
+    toml = cfg.read_toml(path) if path else {}
+
+    def load(*wanted: str) -> cfg.Config:
+        return cfg.load(
+            toml={key: value for key, value in toml.items() if key in wanted},
+            env={f"ROUTER_{n.upper()}": env[f"ROUTER_{n.upper()}"] for n in wanted
+                 if f"ROUTER_{n.upper()}" in env},
+            flags={name: getattr(args, name, None) for name in wanted})
+
+    # The partition count only matters with Redis: without it, not even a bad one fails.
+    if load("redis").redis is None:
+        return None
+    config = load("redis", "partitions")
+    assert config.redis is not None
+    if getattr(args, "data_dir", None) is not None:
+        # Both would be a guess at which store was meant; a relay with Redis has no
+        # dead letters in its data dir.
+        raise ConfigError("data-dir: dead letters are in Redis when --redis (ROUTER_REDIS, "
+                          "the config's redis) is set; drop --data-dir or the Redis setting")
+    return config.redis, config.partitions
+
+
+def _data_dir_ids(args: argparse.Namespace) -> None:
+    """The data dir numbers its dead letters: refuse a Redis-style id in one line."""
+    given = [args.id] if args.action == "show" else list(getattr(args, "ids", []))
+    for dead_id in given:
+        if not isinstance(dead_id, int):
+            raise ConfigError(f"dead letter id {dead_id!r}: the data dir's dead letters have "
+                              "numeric ids (see list); PROJECT/STREAM-ID ids need --redis")
 
 
 def run(args: argparse.Namespace, resolve_data_dir: Callable[[argparse.Namespace], Path]) -> int:
     """``resolve_data_dir`` applies the usual precedence: flag, environment, config file."""
+    redis = redis_settings(args)
+    if redis is not None:
+        from .cluster.deadletters import run as run_redis
+
+        url, partitions = redis
+        return run_redis(args, url, partitions)
+    _data_dir_ids(args)
     data_dir = resolve_data_dir(args)
     path = data_dir / st.DB_NAME
     if not path.exists():
@@ -62,12 +145,11 @@ def _list(conn: sqlite3.Connection, limit: int) -> int:
     if not rows:
         print("no dead letters")
         return 0
-    print(f"{'id':>6}  {'when':25}  {'project':16}  {'status':9}  {'tries':>5}  reason")
+    print(header())
     for dead_id, created, project, status, errors, attempts, replay in rows:
         reason = "; ".join(json.loads(errors))[:80]
         mark = " (replay queued)" if replay else ""
-        print(f"{dead_id:>6}  {_when(created):25}  {project[:16]:16}  {status:9}  "
-              f"{attempts:>5}  {reason}{mark}")
+        print(line(dead_id, created, project, status, attempts, reason + mark))
     if total > len(rows):
         print(f"... {total - len(rows)} more (use --limit)")
     return 0
@@ -83,21 +165,15 @@ def _show(conn: sqlite3.Connection, dead_id: int) -> int:
     (dead_id, created, project, customer, command, origin, status, errors, attempts,
      first_at, last_at, replay) = row
     out: dict[str, Any] = {
-        "id": dead_id, "created_at": _when(created), "project": project, "customer": customer,
+        "id": dead_id, "created_at": when(created), "project": project, "customer": customer,
         "status": status, "errors": json.loads(errors), "attempts": attempts,
-        "first_attempt": _when(first_at), "last_attempt": _when(last_at),
+        "first_attempt": when(first_at), "last_attempt": when(last_at),
         "replay_queued": bool(replay),
     }
     if command is not None:
-        c = decode_command(command)
-        out["command"] = {"kind": c.kind, "project": c.project, "ids": c.ids,
-                          "event_type": c.event_type, "properties": c.properties,
-                          "timestamp": c.timestamp}
+        out["command"] = command_json(command)
     if origin is not None:
-        try:
-            out["message"] = json.loads(origin)
-        except ValueError:
-            out["message"] = origin.decode("utf-8", errors="replace")
+        out["message"] = message_json(origin)
     print(json.dumps(out, indent=2, sort_keys=True))
     return 0
 
@@ -128,6 +204,5 @@ def _replay(conn: sqlite3.Connection, data_dir: Any, where: str, params: list[An
                 else "they go out when the relay next starts")
     print(f"replaying {count} dead letters: {where_to}")
     if refused:
-        print(f"{refused} refused messages were not replayed: the relay's rules refused them; "
-              "resend them after changing the configuration")
+        print(REFUSED_NOT_REPLAYED.format(refused))
     return 0
