@@ -246,6 +246,17 @@ class TestReplay:
         assert await redis.xlen(ALPHA.dead_letters) == 2
         assert sum([await redis.xlen(ALPHA.inbox(p)) for p in range(16)]) == 0
 
+    async def test_the_count_the_relay_recorded_decides(
+            self, redis: coredis.Redis[bytes], redis_url: str) -> None:
+        await redis.hset(ALPHA.meta, {"partitions": "8"})  # as the relay's first start did
+        failed, *_ = await seed(redis)
+        line = refusal(cli(redis_url, "replay", failed, "--partitions", "16"))
+        assert line == ("infinario-router: partitions: project 'alpha' runs 8 partitions, "
+                        "not 16; pass the relay's --partitions (ROUTER_PARTITIONS, the "
+                        "config's partitions)")
+        ok(cli(redis_url, "replay", failed, "--partitions", "8"))
+        assert await redis.xlen(ALPHA.dead_letters) == 1
+
     async def test_a_command_that_does_not_decode_stays(
             self, redis: coredis.Redis[bytes], redis_url: str) -> None:
         # It would stop its partition's worker at every read.

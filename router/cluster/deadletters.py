@@ -25,6 +25,7 @@ from .. import outbox
 from ..config import fingerprint, redact_url
 from ..deadletters import REFUSED_NOT_REPLAYED, command_json, header, line, message_json, when
 from ..errors import ConfigError, RouterError, StartupError
+from .keys import Keys
 from .letters import DeadId, DeadLetters, Letter
 
 CONNECT_TIMEOUT = 5.0  # seconds; an address that drops packets fails instead of hanging
@@ -269,12 +270,22 @@ async def _any_replayable(letters: DeadLetters, project: str) -> bool:
 
 
 async def _check_partitions(letters: DeadLetters, project: str) -> None:
-    """Refuse a ``--partitions`` the project's input streams contradict.
+    """Refuse a ``--partitions`` other than the project's.
 
-    Every partition the relay runs has an input stream once a worker has owned it, so
-    streams up to partition n - 1 mean n partitions. A wrong count would put a
-    customer's command in a partition nobody reads, or in another customer's order.
+    The relay records the count in ``meta:{P}`` at its first start. Data written
+    before that has only its input streams to tell: every partition the relay runs
+    has one once a worker owned it, so streams up to partition n - 1 mean n
+    partitions. A wrong count would put a customer's command in a partition nobody
+    reads, or in another customer's order.
     """
+    stored = await letters.client.hget(Keys(project, letters.partitions).meta, "partitions")
+    if stored is not None:
+        if int(stored) != letters.partitions:
+            raise ConfigError(
+                f"partitions: project {project!r} runs {int(stored)} partitions, not "
+                f"{letters.partitions}; pass the relay's --partitions (ROUTER_PARTITIONS, "
+                "the config's partitions)")
+        return
     found = await letters.input_partitions(project)
     if found and max(found) + 1 != letters.partitions:
         raise ConfigError(
