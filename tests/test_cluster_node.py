@@ -261,3 +261,24 @@ async def test_a_new_owner_sends_what_the_last_one_left_in_the_outbox(
                             transport=httpx.MockTransport(infinario.handler)):
         await wait_for(lambda: len(infinario.commands) >= len(reference))
     assert sorted(map(canonical, infinario.commands)) == sorted(map(canonical, reference))
+
+
+async def test_a_session_open_on_a_moving_partition_ends_once(
+        tmp_path: Path, redis_url: str) -> None:
+    infinario = FakeInfinario()
+    transport = httpx.MockTransport(infinario.handler)
+    config = relay_config(tmp_path, redis=redis_url, partitions=2, linger=0.0,
+                          session_timeout=1.0, request_timeout=0.2)
+    page = {"type": "page", "userId": "u1", "name": "home", "messageId": "p1"}
+    async with open_cluster(config, http=True, transport=transport) as first:
+        assert first.url is not None
+        await send(first.url, [[page]])
+        await wait_for(lambda: len(infinario.commands) >= 2)  # session_start, page_visit
+    # The first owner is gone before the deadline: the next one ends the session.
+    async with open_cluster(config, http=True, transport=transport):
+        await wait_for(lambda: any(c["data"].get("type") == "session_end"
+                                   for c in infinario.commands), within=10)
+        await trio.sleep(1.5)  # a second timer would have fired by now
+    ends = [c for c in infinario.commands if c["data"].get("type") == "session_end"]
+    assert len(ends) == 1
+    assert ends[0]["data"]["customer_ids"] == {"registered": "u1"}
