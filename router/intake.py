@@ -57,15 +57,6 @@ class Accepted(msgspec.Struct):
     rejected: list[dict[str, Any]] = msgspec.field(default_factory=list)
 
 
-class _ContextProbe(msgspec.Struct):
-    """Just a message's context, as JSON bytes: skipping the rest costs little."""
-
-    context: msgspec.Raw = msgspec.Raw(b"null")
-
-
-_context_probe = msgspec.json.Decoder(_ContextProbe)
-
-
 @dataclass(slots=True)
 class Validated:
     """Validated items of a request: messages, their journal bytes, each one's position
@@ -271,8 +262,7 @@ class Intake:
                         segment.check_size(_encode(message), "with the batch's shared part")
                     context_key = None
                 else:
-                    raw_context = _context_probe.decode(data).context
-                    context_key = bytes(raw_context) if len(raw_context) > 4 else None
+                    context_key = segment.context_key(data)
                 messages.append(message)
                 items.append(stored)
                 valid.indexes.append(index)

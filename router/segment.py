@@ -117,6 +117,22 @@ def decode_item(raw: bytes | msgspec.Raw) -> Any:
     return _decode_checked(bytes(raw), "message")
 
 
+class _ContextProbe(msgspec.Struct):
+    """Just a message's context, as JSON bytes: skipping the rest costs little."""
+
+    context: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_context_probe = msgspec.json.Decoder(_ContextProbe)
+
+
+def context_key(data: bytes) -> bytes | None:
+    """A message's ``context`` as its JSON bytes (None when absent, null or empty):
+    the key under which its context extras are remembered (``mapping.ExtrasCache``)."""
+    raw = _context_probe.decode(data).context
+    return bytes(raw) if len(raw) > 4 else None
+
+
 def check_size(data: bytes | msgspec.Raw, what: str = "") -> None:
     """Refuse a message whose bytes exceed ``MAX_MESSAGE_BYTES``."""
     if len(data) > MAX_MESSAGE_BYTES:

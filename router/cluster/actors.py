@@ -40,6 +40,7 @@ from ..customer import (
 )
 from ..mapping import EventPolicy, ExtrasCache, LimitExceeded, Schema
 from ..partition import SessionTimers
+from ..segment import context_key
 
 _decode_message = msgspec.json.Decoder().decode
 
@@ -172,8 +173,10 @@ class PartitionActors:
         self._ids_changed(state, entry, round_)
         body = entry.fields["b"]
         message: dict[str, Any] = _decode_message(body)
+        # Extras are remembered by the context's bytes, as in the embedded relay: a
+        # library sends the same context with every message.
         ctx = TurnContext(self.project, self.schema, self.policy, self.session_timeout, now,
-                          self.extras)
+                          self.extras, context_key(body) if "context" in message else None)
         had_session = state.session_start is not None
         try:
             commands = turn(state, message, ctx)
