@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow lint typecheck fuzz bench bench-quick clean
+.PHONY: run cluster-demo test test-slow lint typecheck fuzz bench bench-quick clean
 
 # The stamp is written only after a complete install and removed before a new
 # one starts, so a venv without it was left half-installed and is rebuilt from
@@ -23,8 +23,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/infinario-router serve $(if $(ROUTER_INFINARIO_URL),,--simulate)
 
+# The Redis mode on one machine: redis-server with deploy/redis.conf, the simulator and
+# three relays, all on 127.0.0.1 (Ctrl-C stops them all). DEMO_ARGS=--help lists options.
+cluster-demo: $(STAMP)
+	$(BIN)/python deploy/cluster_demo.py $(DEMO_ARGS)
+
 test: $(STAMP)
-	$(BIN)/ruff check router tests bench
+	$(BIN)/ruff check router tests bench deploy
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
@@ -33,7 +38,7 @@ test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
 lint: $(STAMP)
-	$(BIN)/ruff check router tests bench
+	$(BIN)/ruff check router tests bench deploy
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

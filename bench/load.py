@@ -5,6 +5,9 @@ Run as its own process so its CPU is not the relay's::
     python -m bench.load --url http://127.0.0.1:8080 --kind batch --mode closed \\
         --connections 8 --duration 20 --out closed.json
 
+``--url`` may be given more than once: the connections are dealt over the
+relays in turn (connection *i* to relay *i* mod *n*), one message sequence for all.
+
 ``closed``: each connection sends its next request as soon as the previous one
 is answered (the relay's maximum rate). ``open``: requests are due at a fixed
 rate whatever the answers, and latency counts from when a request was due, so
@@ -145,6 +148,7 @@ class Recorder:
     rejected_messages: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     late_tickets: int = 0
+    acked_by_target: dict[str, int] = field(default_factory=dict)  # "host:port" -> messages
 
     def add(self, t: float, latency: float, status: int, messages: int) -> None:
         self.t.append(round(t, 6))
@@ -163,18 +167,24 @@ _decode_ack = msgspec.json.Decoder().decode
 class Client:
     """Builds requests, sends them over a connection and records the answers."""
 
-    def __init__(self, args: argparse.Namespace, host: str, port: int,
+    def __init__(self, args: argparse.Namespace, targets: list[tuple[str, int]],
                  recorder: Recorder) -> None:
         self.messages = Messages(customers=args.customers, id_prefix=args.id_prefix,
                                  seq_start=args.seq_start)
         self.bodies = body_factory(self.messages, args.kind, args.batch_size)
-        self.head = (b"POST %b HTTP/1.1\r\nHost: " + f"{host}:{port}".encode()
-                     + b"\r\nUser-Agent: infinario-router-bench\r\nContent-Type: application/json"
-                     b"\r\nAuthorization: " + BASIC_AUTH + b"\r\nContent-Length: %d\r\n\r\n")
+        self.heads = {
+            (host, port): b"POST %b HTTP/1.1\r\nHost: " + f"{host}:{port}".encode()
+            + b"\r\nUser-Agent: infinario-router-bench\r\nContent-Type: application/json"
+            b"\r\nAuthorization: " + BASIC_AUTH + b"\r\nContent-Length: %d\r\n\r\n"
+            for host, port in targets}
         self.max_messages = args.max_messages or math.inf
         self.max_backoff = args.max_backoff
         self.recorder = recorder
-        self.host, self.port = host, port
+        self.targets = targets
+
+    def target(self, i: int) -> tuple[str, int]:
+        """Where connection ``i`` goes: the relays in turn."""
+        return self.targets[i % len(self.targets)]
 
     def budget_left(self) -> bool:
         return self.recorder.sent_messages < self.max_messages
@@ -183,7 +193,7 @@ class Client:
         """One request; latency counts from ``due``."""
         path, body, n = self.bodies()
         self.recorder.sent_messages += n
-        request = self.head % (path.encode(), len(body)) + body
+        request = self.heads[conn.host, conn.port] % (path.encode(), len(body)) + body
         rec = self.recorder
         status = 0
         answer = b""
@@ -203,14 +213,16 @@ class Client:
                 ack = _decode_ack(answer)
                 acked = ack["accepted"] + ack.get("duplicates", 0)
                 rec.rejected_messages += len(ack.get("rejected", ()))
+            where = f"{conn.host}:{conn.port}"
+            rec.acked_by_target[where] = rec.acked_by_target.get(where, 0) + acked
         rec.add(due, time.monotonic() - due, status, acked)
         if status in (429, 503):
             await trio.sleep(min(retry_after if retry_after is not None else 1.0,
                                  self.max_backoff))
 
 
-async def closed_worker(client: Client, deadline: float) -> None:
-    conn = Connection(client.host, client.port)
+async def closed_worker(client: Client, deadline: float, target: tuple[str, int]) -> None:
+    conn = Connection(*target)
     try:
         while time.monotonic() < deadline and client.budget_left():
             await client.exchange(conn, time.monotonic())
@@ -218,8 +230,9 @@ async def closed_worker(client: Client, deadline: float) -> None:
         await conn.close()
 
 
-async def open_worker(client: Client, tickets: trio.MemoryReceiveChannel[float]) -> None:
-    conn = Connection(client.host, client.port)
+async def open_worker(client: Client, tickets: trio.MemoryReceiveChannel[float],
+                      target: tuple[str, int]) -> None:
+    conn = Connection(*target)
     try:
         async for due in tickets:
             await client.exchange(conn, due)
@@ -265,27 +278,30 @@ def _cpu() -> float:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    url = urlsplit(args.url)
-    host, port = url.hostname or "127.0.0.1", url.port or 80
+    targets = []
+    for given in args.url:
+        url = urlsplit(given)
+        targets.append((url.hostname or "127.0.0.1", url.port or 80))
     recorder = Recorder()
-    client = Client(args, host, port, recorder)
+    client = Client(args, targets, recorder)
     cpu0 = _cpu()
     start = time.monotonic()
     deadline = start + args.duration
     async with trio.open_nursery() as nursery:
         if args.mode == "closed":
-            for _ in range(args.connections):
-                nursery.start_soon(closed_worker, client, deadline)
+            for i in range(args.connections):
+                nursery.start_soon(closed_worker, client, deadline, client.target(i))
         else:
             per_request = args.batch_size if args.kind == "batch" else 1
             rps = args.rate / per_request
             send, receive = trio.open_memory_channel[float](max(64, int(rps)))
             nursery.start_soon(schedule, rps, start, deadline, client, send)
             async with receive:
-                for _ in range(args.connections):
-                    nursery.start_soon(open_worker, client, receive.clone())
+                for i in range(args.connections):
+                    nursery.start_soon(open_worker, client, receive.clone(), client.target(i))
     end = time.monotonic()
     return {
+        "urls": args.url, "acked_by_target": recorder.acked_by_target,
         "kind": args.kind, "mode": args.mode, "connections": args.connections,
         "rate": args.rate, "batch_size": args.batch_size, "customers": args.customers,
         "duration": args.duration, "start": start, "end": end,
@@ -304,7 +320,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n")[0])
-    p.add_argument("--url", required=True, help="the relay, http://127.0.0.1:PORT")
+    p.add_argument("--url", required=True, action="append",
+                   help="the relay, http://127.0.0.1:PORT; repeat it to deal the connections "
+                   "over several relays in turn")
     p.add_argument("--kind", choices=["batch", "single"], default="batch")
     p.add_argument("--mode", choices=["closed", "open"], default="closed")
     p.add_argument("--connections", type=int, default=8)

@@ -50,13 +50,18 @@ def proc_status_kb(pid: int, field_name: str) -> int | None:
     return None
 
 
-def cpu_seconds(proc: psutil.Process) -> float | None:
-    """User + system CPU of a process, all its threads included."""
+def cpu_seconds(proc: psutil.Process, children: bool = False) -> float | None:
+    """User + system CPU of a process, all its threads included (``/proc/PID/stat``);
+    with ``children``, also that of the children it has waited for (redis-server's
+    forks that rewrite its append-only file)."""
     try:
         times = proc.cpu_times()
     except psutil.Error:
         return None
-    return float(times.user + times.system)
+    total = times.user + times.system
+    if children:
+        total += times.children_user + times.children_system
+    return float(total)
 
 
 @dataclass
@@ -67,6 +72,8 @@ class Sample:
     delivered: int | None  # messages delivered so far (commands minus session events)
     commands: int | None
     stats: dict[str, Any] | None = None
+    redis_cpu_s: float | None = None  # the Redis mode's redis-server
+    redis_rss_mb: float | None = None
 
 
 @dataclass
@@ -84,15 +91,15 @@ class Timeline:
         return [s.rss_mb for s in self.samples
                 if start <= s.t <= end and s.rss_mb is not None]
 
-    def cpu_at(self, t: float) -> float | None:
-        """CPU seconds at the sample nearest ``t``."""
+    def cpu_at(self, t: float, which: str = "cpu_s") -> float | None:
+        """CPU seconds at the sample nearest ``t``: the relay's, or ``redis_cpu_s``."""
         best = None
         for s in self.samples:
-            if s.cpu_s is None:
+            if getattr(s, which) is None:
                 continue
             if best is None or abs(s.t - t) < abs(best.t - t):
                 best = s
-        return None if best is None else best.cpu_s
+        return None if best is None else getattr(best, which)  # type: ignore[no-any-return]
 
     def delivered_points(self) -> tuple[list[float], list[int]]:
         ts = [s.t for s in self.samples if s.delivered is not None]

@@ -118,8 +118,14 @@ def plot(result: dict[str, Any], out: Path) -> None:
 
     # RSS is sampled every 100 ms without a gap: one unbroken curve is the truth there.
     rss = series["rss_mb"]
-    bottom.plot(rss["t"], rss["mb"], color="#5f6368")
-    bottom.set_ylabel("relay RSS (MB)")
+    redis = series.get("redis_rss_mb") or {}
+    several = series.get("relays", 1) > 1
+    bottom.plot(rss["t"], rss["mb"], color="#5f6368",
+                label="relays' RSS, summed" if several else "relay RSS")
+    if redis.get("t"):
+        bottom.plot(redis["t"], redis["mb"], color="#c5221f", label="redis-server RSS")
+        bottom.legend(loc="upper left", fontsize=8)
+    bottom.set_ylabel("RSS (MB)" if redis.get("t") else "relay RSS (MB)")
     bottom.set_xlabel("seconds since the first load started")
     _phases(bottom, series, label=False)
 

@@ -47,6 +47,61 @@ def number_row(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def number_rows(r: dict[str, Any]) -> list[list[str]]:
+    """The scenario's rows of the main table: one per phase for the Redis mode's."""
+    phases = r.get("metrics", {}).get("phases")
+    if not phases:
+        return [number_row(r)]
+    rows = []
+    for phase in phases:
+        m = {**r["metrics"], **phase, "ack_p50_ms": None, "ack_p99_ms": None,
+             "http_429": None, "rss_growth_mb": None}
+        name = f"{r['scenario']}, {phase['relays']} relay" + ("s" if phase["relays"] > 1 else "")
+        rows.append(number_row({**r, "scenario": name, "metrics": m}))
+    return rows
+
+
+CAPACITY = ["Redis mode", "acked msg/s", "delivered msg/s", "relay CPU µs/msg",
+            "Redis CPU µs/msg", "cores used: relays / Redis", "shard msg/s at 80%",
+            "relay msg/s per core", "relays per shard"]
+
+
+def capacity_lines(results: list[dict[str, Any]], header: dict[str, Any]) -> list[str]:
+    """The Redis mode's CPU per message on each side and the capacity model it implies."""
+    out: list[str] = []
+    for r in results:
+        m = r.get("metrics", {})
+        phases = m.get("phases")
+        if not phases:
+            continue
+        budget = m.get("redis_budget_of_a_core", 0.8)
+        rows = [[f"{p['relays']} relay" + ("s" if p["relays"] > 1 else ""),
+                 _fmt(p.get("acked_per_s")), _fmt(p.get("delivered_per_s")),
+                 _fmt(p.get("relay_cpu_us_per_msg"), 1), _fmt(p.get("redis_cpu_us_per_msg"), 1),
+                 _pair(p.get("relay_cores_used"), p.get("redis_cores_used"), 2),
+                 _fmt(p.get("shard_msgs_per_s")), _fmt(p.get("relay_msgs_per_s_per_core")),
+                 _fmt(p.get("relays_per_shard"), 1)] for p in phases]
+        cores = header.get("machine", {}).get("cores")
+        out += [
+            f"Redis mode ({r['scenario']}; one redis-server with deploy/redis.conf, "
+            f"appendfsync always; {m.get('partitions')} partitions; relays --role all):",
+            "",
+            *_table(CAPACITY, rows),
+            "",
+            "Relay CPU is every relay process's, summed; Redis CPU is redis-server's (user + "
+            "system, from /proc), both from the start of the phase until its backlog was "
+            f"delivered, per message acked. A shard at {budget:.0%} of a core carries "
+            f"{budget:g} s ÷ Redis µs/msg; one relay process with a core to itself carries "
+            "1 s ÷ relay µs/msg; their quotient is how many relay processes one Redis shard "
+            f"keeps busy. On this {cores}-core machine the relays, Redis, the simulator and "
+            "the load generator share the cores, so the msg/s columns are what this machine "
+            "managed, not what the design scales to; CPU per message is the number that "
+            "carries over to a bigger host.",
+            "",
+        ]
+    return out
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
 
@@ -98,9 +153,10 @@ def summary(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:.2f} µs/msg" for k, v in header["floor_us"].items()) + ".",
         "",
         *forwarder_lines(header),
-        *_table(NUMBERS, [number_row(r) for r in results]),
+        *_table(NUMBERS, [row for r in results for row in number_rows(r)]),
         "",
         *cpu_trend_line(results),
+        *capacity_lines(results, header),
         "Targets:",
         "",
     ]

@@ -40,7 +40,7 @@ from .scenarios import (
     Scenario,
     finish,
 )
-from .stack import Stack
+from .stack import ClusterStack, Stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Quick runs are smoke tests: kept out of the tracked results a full run writes.
@@ -61,8 +61,7 @@ async def run_scenario(scenario: Scenario, ctx: Context) -> tuple[Result, Stack]
                     relay_options=scenario.relay_options(plan),
                     sim_options=scenario.sim_options(plan))
     with tempfile.TemporaryDirectory(prefix=f"bench-{scenario.name}-") as tmp:
-        stack = Stack(Path(tmp), relay_options=result.relay_options,
-                      sim_options=result.sim_options)
+        stack = scenario.make_stack(Path(tmp), plan)
         try:
             await stack.start()
             async with trio.open_nursery() as nursery:
@@ -83,9 +82,15 @@ async def run_scenario(scenario: Scenario, ctx: Context) -> tuple[Result, Stack]
             with trio.CancelScope(shield=True):
                 await stack.aclose()
             result.metrics["relay_exit_status"] = stack.relay_exit
+            if isinstance(stack, ClusterStack):
+                result.metrics["exit_status"] = stack.exits
+                result.metrics["peak_rss_mb_by_relay"] = stack.peak_rss_by_relay
+                result.relay_log_tail = [line for proc in (*stack.relays, stack.redis)
+                                         for line in (f"== {proc.name}", *proc.log_tail(15))]
             if result.metrics.get("peak_rss_mb") is None and stack.peak_rss_mb is not None:
                 result.metrics["peak_rss_mb"] = round(stack.peak_rss_mb, 1)
-            result.relay_log_tail = stack.relay.log_tail(30)
+            if not result.relay_log_tail:
+                result.relay_log_tail = stack.relay.log_tail(30)
         return result, stack
 
 
@@ -98,6 +103,7 @@ def to_json(result: Result, stack: Stack, header: dict[str, Any]) -> dict[str, A
         "machine": header["machine"],
         "plan": header["plan"],
         "relay": {"options": result.relay_options, "command": stack.relay.args},
+        "processes": stack.commands(),
         "simulator": {"options": ["--counting", *result.sim_options],
                       "command": stack.sim.args},
         "codec_floor": header["floor"],

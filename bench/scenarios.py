@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -25,7 +26,7 @@ from .measure import (
     rate_series,
     window_rates,
 )
-from .stack import BenchError, Stack
+from .stack import BenchError, ClusterStack, Stack
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Plan:
     floor_messages: int        # messages timed for the codec floor
     forwarder_seconds: float   # load time of each forwarder measurement (batch, single)
     cpu_window: float          # width of the windows of the batch max-rate CPU trend
+    cluster_seconds: float     # each closed-loop phase of the Redis mode (1 relay, 2 relays)
 
     def closed_seconds(self, kind: str) -> float:
         return self.batch_closed_seconds if kind == "batch" else self.single_closed_seconds
@@ -63,13 +65,15 @@ QUICK = Plan(mode="quick", batch_closed_seconds=1.5, single_closed_seconds=1.5,
              many_customers=20_000, many_calls=2, many_seconds=4, many_active=5_000,
              outage_rate=1000, outage_warm=0.5, outage_seconds=6, outage_after=0.5,
              outage_drain_timeout=20, slow_seconds=2, slow_spool_cap="8MiB",
-             floor_messages=3000, forwarder_seconds=1.5, cpu_window=0.5)
+             floor_messages=3000, forwarder_seconds=1.5, cpu_window=0.5,
+             cluster_seconds=3)
 FULL = Plan(mode="full", batch_closed_seconds=60, single_closed_seconds=12, open_seconds=8,
             drain_timeout=90,
             many_customers=1_000_000, many_calls=2, many_seconds=180, many_active=None,
             outage_rate=1500, outage_warm=5, outage_seconds=60, outage_after=5,
             outage_drain_timeout=150, slow_seconds=25, slow_spool_cap="32MiB",
-            floor_messages=20_000, forwarder_seconds=10.0, cpu_window=10.0)
+            floor_messages=20_000, forwarder_seconds=10.0, cpu_window=10.0,
+            cluster_seconds=30)
 CUSTOMERS = 10_000  # distinct customers of every scenario but many-customers
 # Load generator connections of the closed (max-rate) and open (50%) phases.
 CONNECTIONS = {"batch": (8, 32), "single": (32, 64)}
@@ -163,13 +167,15 @@ def _delivery_window(stack: Stack, start: float, done: Sample | None) -> dict[st
 
 
 def _cpu_per_message(stack: Stack, start: float, done: Sample | None,
-                     messages: int) -> float | None:
-    """Relay CPU from ``start`` until its backlog was delivered, per message acked."""
+                     messages: int, which: str = "cpu_s") -> float | None:
+    """Relay CPU (or ``redis_cpu_s``) from ``start`` until its backlog was delivered, per
+    message acked."""
     end_sample = done or stack.latest
-    cpu0 = stack.timeline.cpu_at(start)
-    if end_sample is None or end_sample.cpu_s is None or cpu0 is None or messages <= 0:
+    cpu0 = stack.timeline.cpu_at(start, which)
+    cpu1 = None if end_sample is None else getattr(end_sample, which)
+    if cpu1 is None or cpu0 is None or messages <= 0:
         return None
-    return round((end_sample.cpu_s - cpu0) / messages * 1e6, 2)
+    return round((cpu1 - cpu0) / messages * 1e6, 2)
 
 
 def _cpu_trend(stack: Stack, run: Requests, window: float) -> list[dict[str, Any]]:
@@ -288,6 +294,11 @@ def series(stack: Stack, step: float = 1.0) -> dict[str, Any]:
         "refused_per_s": {"t": overload_x, "count": [n / step for n in overload_y]},
         "rss_mb": {"t": [round(s.t - t0, 2) for s in samples if s.rss_mb is not None],
                    "mb": [round(s.rss_mb, 1) for s in samples if s.rss_mb is not None]},
+        "redis_rss_mb": {"t": [round(s.t - t0, 2) for s in samples
+                               if s.redis_rss_mb is not None],
+                         "mb": [round(s.redis_rss_mb, 1) for s in samples
+                                if s.redis_rss_mb is not None]},
+        "relays": len(getattr(stack, "relays", [None])),
         "phases": [(round(a - t0, 2), round(b - t0, 2), label)
                    for a, b, label in stack.timeline.phases],
         "marks": [(round(t - t0, 2), label) for t, label in stack.timeline.marks],
@@ -489,6 +500,152 @@ async def slow_sink(stack: Stack, ctx: Context, result: Result) -> None:
     ]
 
 
+# --- the Redis mode ----------------------------------------------------------------------
+
+REDIS_BUDGET = 0.8  # of one core: what one Redis shard may spend before it is called full
+CLUSTER_RELAYS = (1, 2)  # relay processes of each phase
+CLUSTER_PARTITIONS = 16
+
+
+def capacity(relay_us: float | None, redis_us: float | None) -> dict[str, float | None]:
+    """What the CPU per message implies for one Redis shard.
+
+    Redis at ``REDIS_BUDGET`` of a core carries ``budget / redis_us`` messages a
+    second; one relay process with a core of its own carries ``1 / relay_us``; their
+    quotient is how many relay processes one shard keeps busy.
+    """
+    if not relay_us or not redis_us:
+        return {"shard_msgs_per_s": None, "relay_msgs_per_s_per_core": None,
+                "relays_per_shard": None}
+    shard = REDIS_BUDGET * 1e6 / redis_us
+    relay = 1e6 / relay_us
+    return {"shard_msgs_per_s": round(shard), "relay_msgs_per_s_per_core": round(relay),
+            "relays_per_shard": round(shard / relay, 1)}
+
+
+async def _cluster_phase(stack: ClusterStack, ctx: Context, result: Result,
+                         relays: int) -> dict[str, Any]:
+    """One closed-loop phase over the first ``relays`` relays, drained; its numbers."""
+    plan = ctx.plan
+    label = _relays(relays)
+    held = await stack.wait_shared(30)
+    first = stack.acked()
+    usec0 = await stack.redis_command_usec()
+    run = await stack.load(label, kind="batch", mode="closed",
+                           duration=plan.cluster_seconds, connections=CONNECTIONS["batch"][0],
+                           urls=stack.active_urls)
+    done = await _drain(stack, plan.drain_timeout, result, label)
+    acked = run.acked()
+    relay_us = _cpu_per_message(stack, run.start, done, acked)
+    redis_us = _cpu_per_message(stack, run.start, done, acked, "redis_cpu_s")
+    usec1 = await stack.redis_command_usec()
+    inside = {name: round((usec1[name] - usec0.get(name, 0)) / max(acked, 1), 2)
+              for name in usec1 if usec1[name] > usec0.get(name, 0)}
+    end = done or stack.latest
+    phase: dict[str, Any] = {
+        "relays": relays,
+        "partitions_held": held,
+        "acked_by_relay": run.info.get("acked_by_target"),
+        "acked_messages": acked,
+        "acked_per_s": round(_max_rate(run), 1),
+        "relay_cpu_us_per_msg": relay_us,
+        "redis_cpu_us_per_msg": redis_us,
+        "relay_cores_used": _cores(stack, run.start, end, "cpu_s"),
+        "redis_cores_used": _cores(stack, run.start, end, "redis_cpu_s"),
+        "redis_used_memory_mb": await stack.redis_memory_mb(),
+        # Redis µs per message by command, largest first. A command a script calls counts
+        # under its own name and under evalsha too, so only evalsha (every script, all
+        # it calls) and the rest of Redis's CPU (other commands, sockets, the protocol,
+        # the AOF write and its fsync) add up.
+        "redis_command_us_per_msg": dict(sorted(inside.items(), key=lambda kv: -kv[1])),
+        "redis_scripts_us_per_msg": inside.get("evalsha"),
+        "redis_outside_scripts_us_per_msg": (
+            None if redis_us is None else round(redis_us - inside.get("evalsha", 0.0), 2)),
+        "backlog_drained_s": None if done is None else round(done.t - run.end, 2),
+        "http_503": run.count(503),
+        "lost_messages": (None if end is None or end.delivered is None
+                          else max(0, stack.acked() - end.delivered)),
+        "extra_deliveries": (None if end is None or end.delivered is None
+                             else max(0, end.delivered - stack.acked())),
+        **_delivery_window(stack, run.start, done),
+        **_lags(stack, first=first, last=stack.acked()),
+        **capacity(relay_us, redis_us),
+    }
+    phase["cpu_floor_ratio"] = ratio(relay_us, ctx.floor_us.get("batch"))
+    phase["cpu_forwarder_ratio"] = ratio(relay_us, ctx.forwarder_us.get("batch"))
+    return phase
+
+
+def _relays(n: int) -> str:
+    return f"{n} relay" + ("s" if n != 1 else "")
+
+
+def _cores(stack: Stack, start: float, end: Sample | None, which: str) -> float | None:
+    """CPU seconds used per second between ``start`` and ``end``: cores kept busy."""
+    cpu0 = stack.timeline.cpu_at(start, which)
+    cpu1 = None if end is None else getattr(end, which)
+    if cpu0 is None or cpu1 is None or end is None or end.t <= start:
+        return None
+    return round((cpu1 - cpu0) / (end.t - start), 2)
+
+
+async def _until(read: Callable[[], Awaitable[int]], ok: Callable[[int], bool],
+                 seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        value = await read()
+        if ok(value):
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"still {value} after {seconds:.0f}s")
+        await trio.sleep(0.1)
+
+
+async def cluster(stack: Stack, ctx: Context, result: Result) -> None:
+    """The Redis mode: one relay, then two sharing one Redis; CPU per message of each side."""
+    assert isinstance(stack, ClusterStack)
+    m = result.metrics
+    m["partitions"] = stack.partitions
+    m["redis_budget_of_a_core"] = REDIS_BUDGET
+    # Every customer once, so both phases find them in Redis.
+    await stack.load("warm-up", kind="batch", mode="closed", duration=30, connections=8,
+                     max_messages=CUSTOMERS)
+    await _drain(stack, ctx.plan.drain_timeout, result, "warm-up")
+    phases = []
+    for relays in CLUSTER_RELAYS:
+        while stack.active < relays:
+            # A partition's new owner holds its sender back for --request-timeout when
+            # the outbox it takes over has rows (the last owner may have had them in
+            # flight): let the last phase's rows be finished first.
+            await _until(stack.outbox_length, lambda n: n == 0, 10)
+            await stack.add_relay()
+            stack.timeline.mark(time.monotonic(), f"relay {stack.active} started")
+        phases.append(await _cluster_phase(stack, ctx, result, relays))
+    m["phases"] = phases
+    last = phases[-1]
+    for key in ("acked_per_s", "delivered_per_s", "commands_per_s", "relay_cpu_us_per_msg",
+                "lag_p99_s"):
+        m[key] = last.get(key)
+    if len(phases) > 1 and phases[0]["acked_per_s"]:
+        m["speedup_2_relays"] = round(last["acked_per_s"] / phases[0]["acked_per_s"], 2)
+    m["redis_peak_rss_mb"] = max((round(x.redis_rss_mb, 1) for x in stack.timeline.samples
+                                  if x.redis_rss_mb is not None), default=None)
+    result.relay_metrics = await stack.relay_metrics()
+    finish(stack, result, ctx, "batch")
+    peaks = [proc_status_kb(relay.pid, "VmHWM") for relay in stack.relays[:stack.active]]
+    known = [kb for kb in peaks if kb is not None]
+    if known:
+        m["peak_rss_mb"] = round(max(known) / 1024, 1)  # the largest relay's
+    result.checks = [
+        *(Check(f"lost messages, {_relays(p['relays'])}", p["lost_messages"], 0, "msgs", False)
+          for p in phases),
+        Check("lost messages", m.get("lost_messages"), 0, "msgs", False),
+    ]
+
+
+StackFactory = Callable[..., Stack]
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -496,6 +653,11 @@ class Scenario:
     run: Callable[[Stack, Context, Result], Awaitable[None]]
     relay_options: Callable[[Plan], list[str]] = lambda plan: []
     sim_options: Callable[[Plan], list[str]] = lambda plan: []
+    stack: StackFactory = Stack
+
+    def make_stack(self, workdir: Path, plan: Plan) -> Stack:
+        return self.stack(workdir, relay_options=self.relay_options(plan),
+                          sim_options=self.sim_options(plan))
 
 
 SCENARIOS = [
@@ -514,5 +676,12 @@ SCENARIOS = [
              relay_options=lambda plan: ["--spool-cap", plan.slow_spool_cap,
                                          "--concurrency", "4"],
              sim_options=lambda plan: ["--delay", "0.05"]),
+    Scenario("cluster", "the Redis mode (--redis, --role all): one redis-server with "
+             "deploy/redis.conf (appendfsync always), batches in a closed loop to one relay "
+             "process, then spread over two; relay and Redis CPU per message and the "
+             "capacity of one Redis shard they imply", cluster,
+             stack=lambda workdir, **options: ClusterStack(
+                 workdir, relays=max(CLUSTER_RELAYS), partitions=CLUSTER_PARTITIONS,
+                 **options)),
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}

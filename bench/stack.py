@@ -2,17 +2,20 @@
 
 Everything is a separate process started through the real command lines, on
 127.0.0.1 only, and everything started here is stopped here, also on errors.
+``ClusterStack`` is the Redis mode's: a redis-server with the shipped
+``deploy/redis.conf`` and relay processes sharing it (``--redis ... --role all``).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,6 +28,7 @@ from .data import PROJECT, WRITE_KEY
 from .measure import BUCKET, Requests, Sample, Timeline, cpu_seconds, proc_status_kb
 
 HOST = "127.0.0.1"
+REDIS_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "redis.conf"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 SESSION_EVENTS = ("session_start", "session_end")
@@ -188,6 +192,10 @@ class Stack:
     async def aclose(self) -> None:
         await self.http.aclose()
 
+    def commands(self) -> dict[str, list[str]]:
+        """Every process's command line, by name."""
+        return {"relay": self.relay.args, "simulator": self.sim.args}
+
     # --- the simulator's side ------------------------------------------------------------
 
     async def sim_stats(self) -> dict[str, Any]:
@@ -273,11 +281,14 @@ class Stack:
 
     async def load(self, label: str, *, kind: str, mode: str, duration: float,
                    connections: int, rate: float = 0.0, customers: int = 10_000,
-                   max_messages: int = 0, batch_size: int = 100) -> Requests:
-        """Run ``python -m bench.load`` to completion and read its results."""
+                   max_messages: int = 0, batch_size: int = 100,
+                   urls: Sequence[str] = ()) -> Requests:
+        """Run ``python -m bench.load`` to completion and read its results; its
+        connections are dealt over ``urls`` (default: the relay)."""
         seq_start = max((r.info["seq_end"] for r in self.loads), default=0)
         out = self.workdir / f"load-{len(self.loads)}-{label}.json"
-        args = [sys.executable, "-m", "bench.load", "--url", self.relay_url, "--kind", kind,
+        targets = [a for url in (urls or [self.relay_url]) for a in ("--url", url)]
+        args = [sys.executable, "-m", "bench.load", *targets, "--kind", kind,
                 "--mode", mode, "--duration", str(duration), "--connections", str(connections),
                 "--customers", str(customers), "--batch-size", str(batch_size),
                 "--seq-start", str(seq_start), "--out", str(out)]
@@ -290,3 +301,278 @@ class Stack:
         self.loads.append(requests)
         self.timeline.phases.append((requests.start, requests.end, label))
         return requests
+
+
+# --- the Redis mode --------------------------------------------------------------------------
+
+async def redis_call(port: int, *args: str | int) -> Any:
+    """One command to the redis-server on ``port``: its reply (bytes, int, list or None)."""
+    parts = [str(a).encode() for a in args]
+    request = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%b\r\n" % (len(p), p) for p in parts)
+    with trio.fail_after(5):
+        async with await trio.open_tcp_stream(HOST, port) as stream:
+            await stream.send_all(request)
+            reader = _Replies(stream)
+            return await reader.reply()
+
+
+class _Replies:
+    """Just enough of RESP2 for the bench's look at Redis."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def _line(self) -> bytes:
+        while (end := self.buf.find(b"\r\n")) < 0:
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                raise BenchError("redis closed the connection")
+            self.buf += chunk
+        line = bytes(self.buf[:end])
+        del self.buf[:end + 2]
+        return line
+
+    async def reply(self) -> Any:
+        line = await self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            raise BenchError(f"redis: {rest.decode(errors='replace')}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            while len(self.buf) < n + 2:
+                chunk = await self.stream.receive_some(65536)
+                if not chunk:
+                    raise BenchError("redis closed the connection")
+                self.buf += chunk
+            data = bytes(self.buf[:n])
+            del self.buf[:n + 2]
+            return data
+        if kind == b"*":
+            return [await self.reply() for _ in range(max(0, int(rest)))]
+        raise BenchError(f"redis: unexpected reply {line[:40]!r}")
+
+
+def redis_info(text: bytes) -> dict[str, str]:
+    """``INFO``'s ``name:value`` lines."""
+    out = {}
+    for line in text.decode(errors="replace").splitlines():
+        name, sep, value = line.partition(":")
+        if sep and not name.startswith("#"):
+            out[name] = value.strip()
+    return out
+
+
+class ClusterStack(Stack):
+    """Redis, the simulator and up to ``relays`` relay processes of the Redis mode.
+
+    The first relay starts with the stack, the others on ``add_relay``. The
+    sampler's ``cpu_s`` and ``rss_mb`` are the started relays' summed (CPU of
+    every thread, from ``/proc`` through psutil), and ``redis_cpu_s`` and
+    ``redis_rss_mb`` are redis-server's (its CPU includes the children it forked
+    to rewrite the append-only file, once they have ended).
+    """
+
+    def __init__(self, workdir: Path, *, relay_options: Sequence[str] = (),
+                 sim_options: Sequence[str] = (), relays: int = 2,
+                 partitions: int = 16, maxmemory: str = "1gb") -> None:
+        super().__init__(workdir, relay_options=relay_options, sim_options=sim_options)
+        self.partitions = partitions
+        self.redis_port = free_port()
+        self.redis_url = f"redis://{HOST}:{self.redis_port}/0"
+        (workdir / "redis").mkdir(parents=True, exist_ok=True)
+        self.redis = Process("redis-server", [
+            "redis-server", str(REDIS_CONFIG), "--port", str(self.redis_port),
+            "--dir", str(workdir / "redis"), "--maxmemory", maxmemory], workdir / "redis.log")
+        self.relays: list[Process] = []
+        self.relay_urls: list[str] = []
+        for i in range(1, relays + 1):
+            port = free_port()
+            self.relay_urls.append(f"http://{HOST}:{port}")
+            self.relays.append(Process(f"relay {i}", [
+                sys.executable, "-m", "router", "serve", "--redis", self.redis_url,
+                "--role", "all", "--partitions", str(partitions),
+                "--listen", f"{HOST}:{port}", "--infinario-url", self.sim_url,
+                "--write-key", f"{WRITE_KEY}={PROJECT}", "--log-level", "warning",
+                *relay_options], workdir / f"relay-{i}.log"))
+        self.relay, self.relay_url = self.relays[0], self.relay_urls[0]
+        self.active = 0  # relays started so far
+        self._relay_ps: list[psutil.Process] = []
+        self.exits: dict[str, int | None] = {}
+        self.peak_rss_by_relay: dict[str, float] = {}
+
+    async def start(self) -> None:
+        if shutil.which("redis-server") is None:
+            raise BenchError("redis-server is not on PATH (Debian package redis-server)")
+        self.redis.start()
+        self.sim.start()
+        await _wait_ready(self.redis, lambda: redis_call(self.redis_port, "PING"),
+                          START_TIMEOUT)
+        self._redis_ps = psutil.Process(self.redis.pid)
+        await wait_http(self.sim, f"{self.sim_url}/_sim/stats", START_TIMEOUT)
+        await self.add_relay()
+
+    async def add_relay(self) -> None:
+        """Start the next relay and wait until it answers ``/health``."""
+        relay, url = self.relays[self.active], self.relay_urls[self.active]
+        relay.start()
+        await wait_http(relay, f"{url}/health", START_TIMEOUT)
+        self._relay_ps.append(psutil.Process(relay.pid))
+        self.active += 1
+
+    @property
+    def active_urls(self) -> list[str]:
+        return self.relay_urls[:self.active]
+
+    async def partitions_held(self) -> list[int]:
+        """``/health``'s ``partitions_held`` of each started relay."""
+        held = []
+        for url in self.active_urls:
+            response = await self.http.get(f"{url}/health")
+            held.append(int(response.json()["partitions_held"]))
+        return held
+
+    async def wait_shared(self, seconds: float) -> list[int]:
+        """Wait until the started relays hold a fair share each and every partition is held."""
+        fair = self.partitions // self.active
+        deadline = time.monotonic() + seconds
+        held: list[int] = []
+        while time.monotonic() < deadline:
+            self.check_relay()
+            held = await self.partitions_held()
+            if sum(held) == self.partitions and min(held) >= fair:
+                return held
+            await trio.sleep(0.1)
+        raise BenchError(f"the relays did not share the {self.partitions} partitions within "
+                         f"{seconds:.0f}s (held: {held})")
+
+    async def outbox_length(self) -> int:
+        """Commands in the project's outbox streams: sent, not yet known to be answered."""
+        total = 0
+        for p in range(self.partitions):
+            total += await redis_call(self.redis_port, "XLEN", f"out:{{{PROJECT}}}:{p}")
+        return int(total)
+
+    async def redis_command_usec(self) -> dict[str, int]:
+        """Microseconds redis-server spent inside each command so far (``INFO commandstats``:
+        scripts count under ``evalsha``; socket I/O and the fsync are outside them)."""
+        info = redis_info(await redis_call(self.redis_port, "INFO", "commandstats"))
+        out = {}
+        for name, value in info.items():
+            if name.startswith("cmdstat_"):
+                fields = dict(part.split("=", 1) for part in value.split(",") if "=" in part)
+                out[name.removeprefix("cmdstat_")] = int(fields.get("usec", 0))
+        return out
+
+    async def redis_memory_mb(self) -> float | None:
+        try:
+            info = redis_info(await redis_call(self.redis_port, "INFO", "memory"))
+            return round(int(info["used_memory"]) / 2**20, 1)
+        except (BenchError, OSError, KeyError, ValueError):
+            return None
+
+    def stop(self) -> None:
+        """Every relay (they drain and hand their partitions back), the simulator, Redis."""
+        try:
+            for relay in self.relays[:self.active]:
+                if relay.alive():
+                    hwm = proc_status_kb(relay.pid, "VmHWM")
+                    if hwm is not None:
+                        self.peak_rss_by_relay[relay.name] = round(hwm / 1024, 1)
+            if self.peak_rss_by_relay:
+                self.peak_rss_mb = max(self.peak_rss_by_relay.values())
+        finally:
+            try:
+                # All at once, so they drain side by side; one SIGTERM each (a second one
+                # would cut a relay's drain short).
+                for relay in self.relays:
+                    if relay.popen is not None and relay.alive():
+                        relay.popen.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + STOP_TIMEOUT
+                for relay in self.relays:
+                    if relay.popen is not None:
+                        try:
+                            relay.popen.wait(max(0.1, deadline - time.monotonic()))
+                        except subprocess.TimeoutExpired:
+                            pass
+                    self.exits[relay.name] = relay.stop()
+                self.relay_exit = self.exits.get(self.relay.name)
+            finally:
+                try:
+                    self.exits["simulator"] = self.sim.stop(5.0)
+                finally:
+                    self.exits["redis-server"] = self.redis.stop(10.0)
+
+    def commands(self) -> dict[str, list[str]]:
+        out = {relay.name: relay.args for relay in self.relays}
+        out.update({"simulator": self.sim.args, "redis-server": self.redis.args})
+        return out
+
+    async def sample_once(self) -> Sample:
+        delivered = commands = None
+        stats = None
+        try:
+            stats = await self.sim_stats()
+            delivered, commands = delivered_messages(stats)
+        except (httpx.HTTPError, msgspec.DecodeError, ValueError, TypeError):
+            pass
+        cpu: float | None = 0.0
+        rss: float | None = 0.0
+        for proc in self._relay_ps:
+            used = cpu_seconds(proc)
+            kb = proc_status_kb(proc.pid, "VmRSS")
+            cpu = None if used is None or cpu is None else cpu + used
+            rss = None if kb is None or rss is None else rss + kb / 1024
+        redis_kb = proc_status_kb(self.redis.pid, "VmRSS")
+        sample = Sample(t=time.monotonic(), rss_mb=rss, cpu_s=cpu, delivered=delivered,
+                        commands=commands, stats=stats,
+                        redis_cpu_s=cpu_seconds(self._redis_ps, children=True),
+                        redis_rss_mb=None if redis_kb is None else redis_kb / 1024)
+        self.timeline.samples.append(sample)
+        self.latest = sample
+        return sample
+
+    def check_relay(self) -> None:
+        for proc in [*self.relays[:self.active], self.redis]:
+            if not proc.alive():
+                code = proc.popen.returncode if proc.popen else None
+                raise BenchError(f"{proc.name} exited with status {code}; last log lines:\n"
+                                 + "\n".join(proc.log_tail()))
+
+    async def relay_metrics(self) -> dict[str, float]:
+        """The started relays' unlabelled ``router_*`` values, summed."""
+        out: dict[str, float] = {}
+        for url in self.active_urls:
+            try:
+                response = await self.http.get(f"{url}/metrics")
+            except httpx.HTTPError:
+                continue
+            for line in response.text.splitlines():
+                if line.startswith("router_") and "{" not in line:
+                    name, _, value = line.partition(" ")
+                    try:
+                        out[name] = out.get(name, 0.0) + float(value)
+                    except ValueError:
+                        continue
+        return out
+
+
+async def _wait_ready(proc: Process, probe: Callable[[], Any], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise BenchError(f"{proc.name} exited with status {proc.popen.returncode}: "
+                             + " ".join(proc.log_tail(3)) if proc.popen
+                             else f"{proc.name} did not start")
+        try:
+            await probe()
+            return
+        except (OSError, BenchError, trio.TooSlowError):
+            await trio.sleep(0.05)
+    raise BenchError(f"{proc.name} did not answer within {seconds:.0f}s")
