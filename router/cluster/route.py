@@ -54,9 +54,10 @@ DIGEST_BYTES = 12  # 2**-96 per pair of ids: collisions are negligible at any vo
 # A slot's ids are spread over buckets (dd:{P}:<slot>:<bucket>) so that each hash
 # stays under Redis's hash-max-listpack-entries (128) and compact: about 18 bytes
 # an id at 100 ids a bucket, 61 once a hash outgrows it (measured on Redis 7.0).
-# Size it to a window's ids / 100. Fixed per project: changing it forgets the
-# ids of the last window.
-DEDUP_BUCKETS = 1024
+# 65,536 buckets keep a window of up to about 6 million ids compact; a bucket is a
+# key only once an id lands in it, so a quiet project pays for what it stores.
+# Fixed per project: changing it forgets the ids of the last window.
+DEDUP_BUCKETS = 65_536
 
 
 @dataclass(frozen=True, slots=True)
