@@ -489,7 +489,10 @@ class Sender:
         again, which is the at-least-once promise anyway.
         """
         while True:
-            await self._answers_ready.wait()
+            if self._lanes_running:
+                # Not once the lanes are done: the last one may have ended (and set the
+                # event this loop then replaced) while the answers before it were recorded.
+                await self._answers_ready.wait()
             self._answers_ready = trio.Event()
             answers, self._answers = self._answers, _Answers()
             if not answers:
