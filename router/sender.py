@@ -197,6 +197,7 @@ class Sender:
         linger: float = DEFAULT_LINGER,
         changed: Broadcast | None = None,
         bucket: TokenBucket | None = None,
+        may_send: Callable[[], bool] | None = None,
     ) -> None:
         self.backlog = backlog
         self.dialect = dialect
@@ -206,6 +207,10 @@ class Sender:
         self.retry_window = retry_window
         # Senders that share one rate limit (a worker's partitions) share a bucket.
         self.bucket = bucket or (TokenBucket(rate_limit) if rate_limit else None)
+        # Asked right before each request: False means this sender's rows may be another's
+        # to send now (a partition whose lease is in doubt); the lane then waits to be
+        # cancelled instead of posting a copy that could land after the new owner's.
+        self.may_send = may_send
         self.metrics = metrics
         self.spool = spool
         self.wall = wall
@@ -374,6 +379,8 @@ class Sender:
             await self.bucket.acquire()
         for row in {id(row): row for row, _ in batch}.values():
             row.attempts += 1
+        if self.may_send is not None and not self.may_send():
+            await trio.sleep_forever()
         started = trio.current_time()
         try:
             status, content, retry_after = await self._post(project, join_body(commands))
@@ -489,7 +496,10 @@ class Sender:
         again, which is the at-least-once promise anyway.
         """
         while True:
-            await self._answers_ready.wait()
+            if self._lanes_running:
+                # Not once the lanes are done: the last one may have ended (and set the
+                # event this loop then replaced) while the answers before it were recorded.
+                await self._answers_ready.wait()
             self._answers_ready = trio.Event()
             answers, self._answers = self._answers, _Answers()
             if not answers:

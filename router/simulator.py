@@ -7,7 +7,9 @@ so the router's retries and dead letters can be exercised.
 
     POST /bulk                                  legacy dialect
     POST /track/v2/projects/{token}/batch       v2 dialect
+    POST /NAME/bulk, /NAME/track/v2/...          the same, sent by NAME (see ``received``)
     GET  /_sim/events[?project=T] | /_sim/customers[?project=T] | /_sim/stats
+    GET  /_sim/received[?start=N&limit=M]       every command processed, in arrival order
     POST /_sim/reset
     POST /_sim/faults {...} | DELETE /_sim/faults
 
@@ -130,6 +132,10 @@ class Simulator:
         """Forget every record, count and fault, as a fresh simulator."""
         self.events: list[dict[str, Any]] = []
         self.requests: list[dict[str, Any]] = []
+        # Every command a tracking request carried, in the order processed (``record``
+        # only): its position ``n``, the request's number and wall time, the sender's
+        # path prefix ``via`` ("" without one), the command and its result status.
+        self.received: list[dict[str, Any]] = []
         self.projects: dict[str, Project] = {}
         self.counts: Counter[str] = Counter()
         self.events_by_type: Counter[str] = Counter()
@@ -259,18 +265,18 @@ class Simulator:
 
     async def _route(self, head: RequestHead, body: bytes) -> Answer:
         method = head.method
-        path = head.path
+        via, path = _sender(head.path)
         if path == "/bulk":
             if method != "POST":
-                return _not_allowed(method, path, "POST")
-            return await self._track("legacy", path, "", head, body)
+                return _not_allowed(method, head.path, "POST")
+            return await self._track("legacy", head.path, "", head, body, via)
         if path.startswith(_V2_PREFIX) and path.endswith(_V2_SUFFIX):
             token = path[len(_V2_PREFIX):-len(_V2_SUFFIX)]
             if token and "/" not in token:
                 if method != "POST":
-                    return _not_allowed(method, path, "POST")
-                return await self._track("v2", path, token, head, body)
-        return self._control(method, path, head, body)
+                    return _not_allowed(method, head.path, "POST")
+                return await self._track("v2", head.path, token, head, body, via)
+        return self._control(method, head.path, head, body)
 
     def _control(self, method: str, path: str, head: RequestHead, body: bytes) -> Answer:
         query = parse_qs(head.query)
@@ -294,6 +300,18 @@ class Simulator:
             if method != "GET":
                 return _not_allowed(method, path, "GET")
             return 200, self.stats(), []
+        if path == "/_sim/received":
+            if method != "GET":
+                return _not_allowed(method, path, "GET")
+            try:
+                start = int(query.get("start", ["0"])[-1])
+                limit = int(query["limit"][-1]) if "limit" in query else None
+            except ValueError:
+                return 400, _failure("start and limit must be whole numbers"), []
+            if start < 0 or (limit is not None and limit < 0):
+                return 400, _failure("start and limit must be 0 or more"), []
+            end = None if limit is None else start + limit
+            return 200, self.received[start:end], []
         if path == "/_sim/reset":
             if method != "POST":
                 return _not_allowed(method, path, "POST")
@@ -317,11 +335,11 @@ class Simulator:
     # --- tracking requests -------------------------------------------------------------------
 
     async def _track(self, dialect: Dialect, path: str, token: str, head: RequestHead,
-                     body: bytes) -> Answer:
+                     body: bytes, via: str = "") -> Answer:
         delay = self.faults.delay
         if delay > 0:
             await trio.sleep(delay)
-        status, payload, headers, commands = self._batch(dialect, token, head, body)
+        status, payload, headers, commands = self._batch(dialect, token, head, body, via)
         self.counts["requests"] += 1
         self.statuses[status] += 1
         if self.record:
@@ -329,7 +347,7 @@ class Simulator:
                 {"path": path, "dialect": dialect, "commands": commands, "status": status})
         return status, payload, headers
 
-    def _batch(self, dialect: Dialect, token: str, head: RequestHead, body: bytes
+    def _batch(self, dialect: Dialect, token: str, head: RequestHead, body: bytes, via: str = ""
                ) -> tuple[int, Any, Headers, int]:
         """One tracking request: (status, answer, extra headers, commands in the body)."""
         try:
@@ -354,7 +372,7 @@ class Simulator:
         if count > self.max_commands:
             return 400, _failure(f"{count} commands in one request; "
                                  f"send at most {self.max_commands}"), [], count
-        return 200, {"success": True, "results": self._commands(dialect, token, commands)}, \
+        return 200, {"success": True, "results": self._commands(dialect, token, commands, via)}, \
             [], count
 
     def _admit(self, limit: int) -> bool:
@@ -391,7 +409,7 @@ class Simulator:
             return header.startswith(("Token ", "Basic "))
         return header == self.v2_auth.get(token)
 
-    def _commands(self, dialect: Dialect, token: str, commands: list[Any]
+    def _commands(self, dialect: Dialect, token: str, commands: list[Any], via: str = ""
                   ) -> list[dict[str, Any]]:
         faults = self.faults
         keep = len(commands) - min(faults.truncate, len(commands))
@@ -420,7 +438,23 @@ class Simulator:
                 append(ok)
         if errors:
             self.counts["errors"] += errors
+        if self.record:
+            self._note(commands, results, via)
         return results
+
+    def _note(self, commands: list[Any], results: list[dict[str, Any]], via: str) -> None:
+        """Add one request's processed commands to ``received``."""
+        received = self.received
+        request = self.counts["requests"] + 1  # counted once the request is answered
+        at = time.time()
+        for command, result in zip(commands, results, strict=True):
+            name = command.get("name") if isinstance(command, dict) else None
+            data = command.get("data") if isinstance(command, dict) else None
+            status = result.get("status")
+            if status is None:  # v2 results say success or not
+                status = "ok" if result.get("success") else "error"
+            received.append({"n": len(received), "request": request, "at": at, "via": via,
+                             "name": name, "data": data, "result": status})
 
     def _command_fault(self, legacy: bool) -> dict[str, Any]:
         faults = self.faults
@@ -557,6 +591,19 @@ class Simulator:
             customer.cookies[cookie] = None
             project.by_cookie[cookie] = customer
         return customer
+
+
+def _sender(path: str) -> tuple[str, str]:
+    """A tracking path with a one-segment prefix, ``/NAME/bulk``, is ``/bulk`` sent by NAME
+    (so is ``/NAME/track/v2/...``): several relays pointed at one simulator are told apart
+    in ``received``. Returns (NAME or "", the path without it)."""
+    if path.startswith(("/_sim/", _V2_PREFIX)) or path.count("/") < 2:
+        return "", path
+    name, _, rest = path[1:].partition("/")
+    rest = "/" + rest
+    if name and (rest == "/bulk" or rest.startswith(_V2_PREFIX)):
+        return name, rest
+    return "", path
 
 
 def _merge(project: Project, source: Customer, target: Customer) -> None:
@@ -710,7 +757,7 @@ _SUMMARY: dict[str, Any] = {
                  "tracking API, for tests, benchmarks and trying the router without an account",
     "tracking": {"legacy": "POST /bulk", "v2": "POST /track/v2/projects/{token}/batch"},
     "inspect": ["GET /_sim/events?project=TOKEN", "GET /_sim/customers?project=TOKEN",
-                "GET /_sim/stats", "GET /_sim/faults"],
+                "GET /_sim/received?start=N&limit=M", "GET /_sim/stats", "GET /_sim/faults"],
     "control": ['POST /_sim/faults {"fail_requests": {"status": 503, "count": 3}}',
                 "DELETE /_sim/faults", "POST /_sim/reset"],
 }

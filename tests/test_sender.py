@@ -159,3 +159,31 @@ class TestIdle:
                     waiters.start_soon(wait, "second")
             nursery.cancel_scope.cancel()
         assert sorted(woke) == ["first", "second"]
+
+
+class TestClose:
+    """``close`` ends ``run`` once every answer is recorded, however the last answer and the
+    close interleave (a relay told to stop right after a burst drains, not waits out its grace)."""
+
+    async def test_close_during_the_last_request(self, store: st.Store) -> None:
+        infinario = Recorder()
+        send = sender(store, infinario, lanes=1)
+
+        def answer_then_close(request: httpx.Request) -> httpx.Response:
+            # The lane ends as soon as this answer is handled, before the retirer has run.
+            send.close()
+            return infinario.handler(request)
+
+        send.transport = httpx.MockTransport(answer_then_close)
+        made = rows([1] * 3, 1, st.SeqCounter())
+        await commit(store, made)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(send.run)
+            for row in made:
+                send.offer(row)
+            with trio.fail_after(5):
+                await send.finished.wait()
+            nursery.cancel_scope.cancel()
+        assert infinario.requests == [[0, 1, 2]]
+        assert await store.call(lambda c: c.execute("SELECT COUNT(*) FROM outbox").fetchone())\
+            == (0,)

@@ -637,6 +637,45 @@ class TestInspectionOverHttp:
         assert sim.stats()["requests"] == 0
 
 
+class TestReceived:
+    """/_sim/received lists every processed command in arrival order, with its sender."""
+
+    async def test_commands_in_arrival_order_with_result_and_sender(self) -> None:
+        sim = Simulator(v2_auth={PROJECT: TOKEN})
+        await call(sim, "POST", "/r1/bulk", {"commands": [
+            event({"registered": "u1"}, "a"), {"name": "crm/nonsense", "data": {}}]})
+        await bulk(sim, update({"cookie": "c"}, plan="pro"))
+        await batch(sim, v2_event({"registered": "u2"}, "b"),
+                    path=f"/r2/track/v2/projects/{PROJECT}/batch")
+        got = [(r["n"], r["request"], r["via"], r["name"], r["result"]) for r in sim.received]
+        assert got == [(0, 1, "r1", "crm/events", "ok"), (1, 1, "r1", "crm/nonsense", "error"),
+                       (2, 2, "", "crm/customers", "ok"), (3, 3, "r2", "customers/events", "ok")]
+        assert sim.received[2]["data"]["properties"] == {"plan": "pro"}
+        assert sim.received[0]["at"] <= sim.received[3]["at"]
+        # A prefixed path is the same endpoint: the event was applied as any other.
+        assert [e["type"] for e in sim.events] == ["a", "b"]
+        assert sim.requests[0]["path"] == "/r1/bulk"
+
+    async def test_pages_over_http_and_not_kept_when_counting(self) -> None:
+        sim = Simulator()
+        await bulk(sim, *(event({"cookie": f"c{i}"}, "a", n=i) for i in range(5)))
+        page = await call(sim, "GET", "/_sim/received", query="start=1&limit=2")
+        assert [r["data"]["properties"]["n"] for r in page.body] == [1, 2]
+        assert len((await call(sim, "GET", "/_sim/received")).body) == 5
+        assert (await call(sim, "GET", "/_sim/received", query="start=x")).status == 400
+        assert (await call(sim, "POST", "/_sim/received")).status == 405
+        counting = Simulator(record=False)
+        await bulk(counting, event({"cookie": "c"}))
+        assert counting.received == []
+        sim.reset()
+        assert sim.received == []
+
+    async def test_only_one_prefix_segment_names_a_sender(self) -> None:
+        sim = Simulator()
+        assert (await call(sim, "POST", "/a/b/bulk", {"commands": []})).status == 404
+        assert (await call(sim, "GET", "/r1/bulk")).status == 405
+
+
 class TestServing:
     """run_simulator serves the app on a real socket and reports its base URL."""
 

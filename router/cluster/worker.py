@@ -11,7 +11,9 @@ A task whose lease is lost stops at once; whatever it had not committed is
 still pending in the stream and the next owner replays it. A task that took a
 partition over waits ``--request-timeout`` before it sends anything the last
 owner may still have had in flight, so a dead owner's request cannot land
-after the resend of the same commands.
+after the resend of the same commands. A stalled owner (a pause, a frozen VM)
+is not dead: its sender checks that the lease is still trusted right before
+each request, so on waking it posts nothing the next owner may have resent.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class PartitionTask:
             transport=settings.transport, timeout=settings.request_timeout,
             retry_window=settings.retry_window, rate_limit=None, metrics=metrics, spool=spool,
             wall=wall, window=settings.lane_window, linger=settings.linger, changed=progress,
-            bucket=settings.bucket)
+            bucket=settings.bucket, may_send=lease.valid)
 
     def _actors(self) -> PartitionActors:
         s = self.settings
@@ -311,10 +313,12 @@ class ProjectWorker:
 
                 nursery.start_soon(lost)
                 await task.run()
-        except Fenced as exc:
+        except* Fenced as fenced:
+            # Out of the task's nurseries, wrapped in groups: a bare ``except Fenced`` let
+            # it through and a zombie's first fenced read or commit ended the process.
             log.warning("partition lost", project=self.keys.project,
-                        partition=lease.partition, reason=str(exc))
-        except Exception:
+                        partition=lease.partition, reason=str(fenced.exceptions[0]))
+        except* Exception:
             # The other partitions keep running; this one is given back and taken again.
             log.exception("partition task failed", project=self.keys.project,
                           partition=lease.partition)
