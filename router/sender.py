@@ -211,6 +211,7 @@ class Sender:
         # to send now (a partition whose lease is in doubt); the lane then waits to be
         # cancelled instead of posting a copy that could land after the new owner's.
         self.may_send = may_send
+        self.posting = 0  # requests on the wire now
         self.metrics = metrics
         self.spool = spool
         self.wall = wall
@@ -272,6 +273,10 @@ class Sender:
                 task_status.started()
         finally:
             self.finished.set()
+
+    def quiet(self) -> bool:
+        """No request on the wire and every answer recorded."""
+        return not self.posting and not self._answers and not self._retiring
 
     def reload(self) -> None:
         """Rows were stored that were never offered: each lane reads its backlog again."""
@@ -382,11 +387,16 @@ class Sender:
         if self.may_send is not None and not self.may_send():
             await trio.sleep_forever()
         started = trio.current_time()
+        self.posting += 1
         try:
             status, content, retry_after = await self._post(project, join_body(commands))
             verdict = self.dialect.verdict(status, content, len(batch), retry_after)
         except httpx.HTTPError as exc:
             verdict = Verdict(retry=True, reason=f"{type(exc).__name__}: {exc}")
+        finally:
+            # No await between here and queueing the answers: ``quiet`` never sees a
+            # request that is neither posting nor answered.
+            self.posting -= 1
         now = self.wall()
         decided = plan(verdict, [row.first_at for row, _ in batch], now=now,
                        retry_window=self.retry_window)

@@ -282,3 +282,23 @@ async def test_a_session_open_on_a_moving_partition_ends_once(
     ends = [c for c in infinario.commands if c["data"].get("type") == "session_end"]
     assert len(ends) == 1
     assert ends[0]["data"]["customer_ids"] == {"registered": "u1"}
+
+
+async def test_a_partition_given_back_cleanly_is_sent_at_once_by_its_next_owner(
+        tmp_path: Path, redis_url: str) -> None:
+    """A rebalance leaves nothing in flight: the taker need not wait --request-timeout."""
+    down = httpx.MockTransport(lambda request: httpx.Response(503))
+    infinario = FakeInfinario()
+    config = relay_config(tmp_path, redis=redis_url, partitions=2, linger=0.0,
+                          request_timeout=10.0)
+    async with open_cluster(config, http=True, transport=down) as first:
+        assert first.url is not None
+        await send(first.url, requests(4, count=10))
+        await wait_for(lambda: all(task.sender.lanes[0].rows for w in first.workers
+                                   for task in w.tasks.values()))
+        started = trio.current_time()
+        async with open_cluster(config, http=True,
+                                transport=httpx.MockTransport(infinario.handler)) as second:
+            await wait_for(lambda: bool(infinario.commands), within=9)
+            assert trio.current_time() - started < 5  # far less than the 10 s wait
+            assert sum(len(w.tasks) for w in second.workers) == 1

@@ -66,6 +66,9 @@ class Keys:
     def progress(self, partition: int) -> str:
         return f"done:{self.tag}:{partition}"  # outbox entry id -> which commands are final
 
+    def handed(self, partition: int) -> str:
+        return f"handed:{self.tag}:{partition}"  # set by an owner that left nothing in flight
+
     def lease(self, partition: int) -> str:
         return f"lease:{self.tag}:{partition}"
 

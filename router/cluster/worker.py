@@ -48,6 +48,7 @@ from .inbox import Fenced, Inbox
 from .keys import Keys
 from .leases import DEFAULT_TTL, Lease, Leases
 from .schema import NeedsSchema, SharedSchema
+from .scripts import source
 
 log = structlog.get_logger("router.cluster.worker")
 T = TypeVar("T")
@@ -94,6 +95,7 @@ class PartitionTask:
         self.wall = wall
         self.progress = progress
         self.inbox = Inbox(client, keys, self.partition)
+        self._handed = client.register_script(source("handed"))
         self.commits = Commits(client, keys)
         self.actors = self._actors()
         self.round_id = 0
@@ -117,8 +119,12 @@ class PartitionTask:
         async with trio.open_nursery() as nursery:
             backlog = await self._redis(lambda: self.client.xlen(
                 self.keys.outbox(self.partition)))
-            # The sender reads the last owner's rows from the stream before new ones.
-            nursery.start_soon(self._send, self.settings.request_timeout if backlog else 0.0)
+            handed = await self._redis(lambda: self.client.getdel(
+                self.keys.handed(self.partition)))
+            # The sender reads the last owner's rows from the stream before new ones; it
+            # waits first unless the last owner said it left nothing in flight.
+            wait = self.settings.request_timeout if backlog and handed is None else 0.0
+            nursery.start_soon(self._send, wait)
             await self._load_timers()
             await self._play(await self._redis(lambda: self.inbox.recover(self.token)))
             poll = POLL_MIN
@@ -131,6 +137,17 @@ class PartitionTask:
                 until_timer = self.actors.timers.next_deadline() - self.wall()
                 await trio.sleep(min(poll, max(0.0, until_timer)))
                 poll = min(POLL_MAX, poll * 2)
+
+    async def hand_back(self) -> None:
+        """The lease is being given up (a rebalance, a stop): once no request is in flight
+        and every answer is recorded, tell the next owner it need not wait."""
+        # The lease is no longer trusted, so the sender starts no new request.
+        for _ in range(int((self.settings.request_timeout + 1) / 0.01)):
+            if self.sender.quiet():
+                await self._handed([self.keys.lease(self.partition),
+                                    self.keys.handed(self.partition)], [self.token])
+                return
+            await trio.sleep(0.01)
 
     async def _send(self, delay: float) -> None:
         if delay:
@@ -309,6 +326,10 @@ class ProjectWorker:
             async with trio.open_nursery() as nursery:
                 async def lost() -> None:
                     await lease.wait_lost()
+                    if lease.why in ("rebalance", "stopped"):
+                        # Given up, not taken: the lease is still ours in Redis.
+                        with trio.move_on_after(self.settings.request_timeout + 1):
+                            await task.hand_back()
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(lost)
