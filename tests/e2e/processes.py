@@ -78,3 +78,42 @@ class RelayProcess:
             self.kill()
             raise TimeoutError("relay did not exit")
         return self.proc.returncode
+
+
+class SimulatorProcess:
+    """``python -m router.simulator`` on an ephemeral port; its URL is read from its first line."""
+
+    def __init__(self, *extra: str) -> None:
+        self.extra = extra  # more options, e.g. --delay SECONDS
+        self.proc: subprocess.Popen[str] | None = None
+        self.url: str | None = None
+
+    def start(self, timeout: float = 30.0) -> str:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router.simulator", "--listen", "127.0.0.1:0", *self.extra],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        assert self.proc.stderr is not None
+        found = threading.Event()
+
+        def read(stream: IO[str]) -> None:
+            for line in stream:
+                if self.url is None and line.startswith("simulator: listening on "):
+                    self.url = line.split()[3]
+                    found.set()
+
+        threading.Thread(target=read, args=(self.proc.stderr,), daemon=True).start()
+        if not found.wait(timeout):
+            self.stop()
+            raise RuntimeError("the simulator did not start")
+        assert self.url is not None
+        return self.url
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
