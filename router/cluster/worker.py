@@ -7,11 +7,14 @@ partition's input stream in rounds, runs the turns, and commits each round in
 one fenced, idempotent step (``commit.lua``), then hands the round's commands
 to its own sender (the embedded relay's, one lane, reading ``out:{P}:<p>``).
 
-A task whose lease is lost stops at once; whatever it had not committed is
-still pending in the stream and the next owner replays it. A task that took a
-partition over waits ``--request-timeout`` before it sends anything the last
-owner may still have had in flight, so a dead owner's request cannot land
-after the resend of the same commands. A stalled owner (a pause, a frozen VM)
+A task whose lease is lost stops; whatever it had not committed is still
+pending in the stream and the next owner replays it. An owner that gives a
+partition up (a rebalance, a stop) first lets its request in flight finish and
+records the answers, then marks the partition handed back: the next owner sends
+at once. A task that took a partition over without that mark (its owner died)
+waits ``--request-timeout`` before it sends anything the last owner may still
+have had in flight, so a dead owner's request cannot land after the resend of
+the same commands. A stalled owner (a pause, a frozen VM)
 is not dead: its sender checks that the lease is still trusted right before
 each request, so on waking it posts nothing the next owner may have resent.
 """
