@@ -222,14 +222,18 @@ class Stack:
             next_at += BUCKET
             await trio.sleep(max(0.0, next_at - time.monotonic()))
 
-    async def sample_once(self) -> Sample:
-        delivered = commands = None
-        stats = None
+    async def delivered_now(self) -> tuple[dict[str, Any] | None, int | None, int | None]:
+        """The simulator's stats and the messages and commands delivered, or Nones when it
+        did not answer."""
         try:
             stats = await self.sim_stats()
             delivered, commands = delivered_messages(stats)
         except (httpx.HTTPError, msgspec.DecodeError, ValueError, TypeError):
-            pass
+            return None, None, None
+        return stats, delivered, commands
+
+    async def sample_once(self) -> Sample:
+        stats, delivered, commands = await self.delivered_now()
         rss = proc_status_kb(self.relay.pid, "VmRSS")
         sample = Sample(t=time.monotonic(), rss_mb=None if rss is None else rss / 1024,
                         cpu_s=cpu_seconds(self._psutil), delivered=delivered, commands=commands,
@@ -515,13 +519,7 @@ class ClusterStack(Stack):
         return out
 
     async def sample_once(self) -> Sample:
-        delivered = commands = None
-        stats = None
-        try:
-            stats = await self.sim_stats()
-            delivered, commands = delivered_messages(stats)
-        except (httpx.HTTPError, msgspec.DecodeError, ValueError, TypeError):
-            pass
+        stats, delivered, commands = await self.delivered_now()
         cpu: float | None = 0.0
         rss: float | None = 0.0
         for proc in self._relay_ps:
