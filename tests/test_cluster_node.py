@@ -168,7 +168,11 @@ async def test_intake_and_workers_run_apart(tmp_path: Path, redis_url: str) -> N
                             transport=transport) as intake, \
             open_cluster(relay_config(tmp_path, role="worker", **base), http=True,
                          transport=transport) as worker:
-        assert intake.url is not None and worker.url is None and not intake.workers
+        assert intake.url is not None and worker.url is not None and not intake.workers
+        async with httpx.AsyncClient(base_url=worker.url, auth=(WRITE_KEY, "")) as client:
+            # A worker serves its operator endpoints, not Segment's.
+            assert (await client.get("/health")).json()["role"] == "worker"
+            assert (await client.post("/v1/batch", json={"batch": []})).status_code == 404
         await send(intake.url, batches)
         await wait_for(lambda: len(infinario.commands) >= len(reference), within=20)
     assert sorted(map(canonical, infinario.commands)) == sorted(map(canonical, reference))

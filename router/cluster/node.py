@@ -166,6 +166,11 @@ async def open_cluster(
                     router.url = await nursery.start(partial(
                         serve_http, intake, host, port,
                         limits=ServerLimits(max_connections=config.max_connections)))
+                elif http and config.admin_listen is None:
+                    # A worker takes no Segment requests, but its operator endpoints
+                    # (/health, /ready, /metrics, /report) are on --listen.
+                    host, port = parse_listen(config.listen)
+                    router.url = await nursery.start(serve_http, Admin(router), host, port)
                 router.running = True
                 log.info("router started", mode="redis", role=config.role, url=router.url,
                          redis=redact_url(config.redis), partitions=config.partitions)
