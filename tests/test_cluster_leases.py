@@ -139,6 +139,9 @@ class TestTakeover:
                 c = await start(name="c")
                 await until(lambda: b.partitions() | c.partitions() == set(range(PARTITIONS)))
                 await until(lambda: len(b.partitions()) == len(c.partitions()) == 3)
+                # A lease is held before its worker's task has taken it off ``gained``.
+                await until(lambda: set(orphans) <= {
+                    lease.partition for worker in (b, c) for _, lease in worker.gained})
                 taken = {lease.partition: at for worker in (b, c) for at, lease in worker.gained}
                 for p in orphans:
                     assert taken[p] >= expire_at[p], f"partition {p} taken before its TTL"
@@ -159,6 +162,7 @@ class TestTakeover:
                 assert await b.redis.zscore(KEYS.workers, "a") is None
 
                 await until(lambda: b.partitions() == set(range(PARTITIONS)))
+                await until(lambda: set(left) <= {lease.partition for _, lease in b.gained})
                 taken = {lease.partition: at for at, lease in b.gained}
                 for p in left:
                     assert taken[p] < expire_at[p], f"partition {p} waited for its TTL"
