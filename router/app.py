@@ -27,13 +27,13 @@ import trio
 
 from . import journal, outbox, segment
 from . import store as st
-from .admin import INTAKE_ALONE, INTAKE_WITH_ADMIN, Admin
+from .admin import INTAKE_ALONE, INTAKE_WITH_ADMIN, Admin, Operated
 from .admission import Admission
 from .broadcast import Broadcast
 from .config import Config, parse_listen
 from .errors import ConfigError, Rejected, RouterError, StartupError
 from .infinario import V2, Dialect, Legacy
-from .intake import Accepted, Intake, Overloaded
+from .intake import Accepted, Intake, Overloaded, Pipeline
 from .journal import Dedup, Journaled
 from .mapping import EventPolicy, Limits
 from .metrics import Metrics
@@ -407,15 +407,9 @@ async def open_router(
             nursery.start_soon(_sweep_dedup, router)
             _gauges(router)
             if config.admin_listen is not None:
-                router.admin_url = await _serve_admin(nursery, router, config.admin_listen)
+                router.admin_url = await serve_admin(nursery, router, config.admin_listen)
             if http:
-                host, port = parse_listen(config.listen)
-                intake = Intake(router, webhook_secret=config.webhook_secret,
-                                operator_paths=INTAKE_ALONE if config.admin_listen is None
-                                else INTAKE_WITH_ADMIN)
-                router.url = await nursery.start(partial(
-                    serve_http, intake, host, port,
-                    limits=ServerLimits(max_connections=config.max_connections)))
+                router.url = await serve_intake(nursery, router, config)
             router.state = State.RUNNING
             log.info("router started", url=router.url, admin_url=router.admin_url, api=config.api,
                      data_dir=str(config.data_dir), recovered_spool_bytes=spooled)
@@ -435,12 +429,24 @@ async def open_router(
         log.info("router stopped")
 
 
-async def _serve_admin(nursery: trio.Nursery, router: Router, listen: str) -> str:
+async def serve_intake(nursery: trio.Nursery, pipeline: Pipeline, config: Config) -> str:
+    """The Segment intake on ``config.listen``; its URL."""
+    host, port = parse_listen(config.listen)
+    intake = Intake(pipeline, webhook_secret=config.webhook_secret,
+                    operator_paths=INTAKE_ALONE if config.admin_listen is None
+                    else INTAKE_WITH_ADMIN)
+    url: str = await nursery.start(partial(
+        serve_http, intake, host, port,
+        limits=ServerLimits(max_connections=config.max_connections)))
+    return url
+
+
+async def serve_admin(nursery: trio.Nursery, router: Operated, listen: str) -> str:
     host, port = parse_listen(listen)
     try:
         url: str = await nursery.start(serve_http, Admin(router), host, port)
     except (StartupError, BaseExceptionGroup) as exc:
-        error = exc if isinstance(exc, StartupError) else _router_error(exc)
+        error = exc if isinstance(exc, StartupError) else router_error(exc)
         if not isinstance(error, StartupError):
             raise
         # The server names the setting "listen"; here it is the admin listener's.
@@ -490,13 +496,13 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Router] = trio.T
             await _serve(config, signals, task_status)
         except BaseExceptionGroup as group:
             # A startup error (busy port, unusable data dir) is one line, not a tree.
-            first = _router_error(group)
+            first = router_error(group)
             if first is None:
                 raise
             raise first from None
 
 
-def _router_error(group: BaseExceptionGroup[BaseException]) -> RouterError | None:
+def router_error(group: BaseExceptionGroup[BaseException]) -> RouterError | None:
     leaves = []
     stack: list[BaseException] = [group]
     while stack:

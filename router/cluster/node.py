@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 import coredis
@@ -20,15 +19,15 @@ import structlog
 import trio
 from coredis.exceptions import RedisError
 
-from ..admin import INTAKE_ALONE, INTAKE_WITH_ADMIN, Admin
+from ..admin import Admin
+from ..app import make_dialect, router_error, serve_admin, serve_intake
 from ..broadcast import Broadcast
 from ..config import Config, parse_listen, redact_url
 from ..errors import ConfigError, StartupError
-from ..intake import Accepted, Intake, Overloaded
+from ..intake import Accepted, Overloaded
 from ..mapping import EventPolicy, Limits
 from ..metrics import Metrics
 from ..sender import TokenBucket
-from ..server import ServerLimits
 from ..server import serve as serve_http
 from ..spool import Spool
 from ..transport import infinario_transport
@@ -155,17 +154,9 @@ async def open_cluster(
                     await _start_workers(nursery, router, transport)
                 _gauges(router)
                 if config.admin_listen is not None:
-                    host, port = parse_listen(config.admin_listen)
-                    router.admin_url = await nursery.start(serve_http, Admin(router), host,
-                                                           port)
+                    router.admin_url = await serve_admin(nursery, router, config.admin_listen)
                 if http and config.role in ("all", "intake"):
-                    host, port = parse_listen(config.listen)
-                    intake = Intake(router, webhook_secret=config.webhook_secret,
-                                    operator_paths=INTAKE_ALONE if config.admin_listen is None
-                                    else INTAKE_WITH_ADMIN)
-                    router.url = await nursery.start(partial(
-                        serve_http, intake, host, port,
-                        limits=ServerLimits(max_connections=config.max_connections)))
+                    router.url = await serve_intake(nursery, router, config)
                 elif http and config.admin_listen is None:
                     # A worker takes no Segment requests, but its operator endpoints
                     # (/health, /ready, /metrics, /report) are on --listen.
@@ -187,9 +178,7 @@ async def open_cluster(
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The client's own tasks wrap a startup error: give it back as one line.
-        from ..app import _router_error
-
-        first = _router_error(group)
+        first = router_error(group)
         if first is None:
             raise
         raise first from None
@@ -201,8 +190,6 @@ async def open_cluster(
 async def _start_workers(nursery: trio.Nursery, router: ClusterRouter,
                          transport: httpx.AsyncBaseTransport) -> None:
     config = router.config
-    from ..app import make_dialect
-
     rate = config.effective_rate_limit
     settings = WorkerSettings(
         policy=EventPolicy(renames=dict(config.renames), allow_campaign=config.allow_campaign),

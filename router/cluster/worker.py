@@ -102,8 +102,8 @@ class PartitionTask:
         self.commits = Commits(client, keys)
         self.actors = self._actors()
         self.round_id = 0
-        partitions_held = max(1, keys.partitions)
-        self.cache_size = max(1_000, settings.active_customers // partitions_held)
+        # --active-customers spread over the project's partitions, wherever they run.
+        self.cache_size = max(1_000, settings.active_customers // keys.partitions)
         self.sender = Sender(
             backlog=RedisBacklog(client, self.commits, keys, self.partition, self.token),
             dialect=settings.dialect, base_url=settings.base_url, lanes=1,
