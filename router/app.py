@@ -109,8 +109,9 @@ class Router:
     ) -> Accepted:
         """Journal validated messages as one request; return once they are on disk.
 
-        ``items`` holds each message's journal bytes (without ``shared``, the
-        part of a batch that applies to every item, stored once).
+        ``items`` holds each message's journal bytes (``segment.item_bytes``:
+        without ``_time``, and without ``shared``, the part of a batch that
+        applies to every item, stored once).
         """
         count = len(messages)
         if not count:
@@ -152,7 +153,7 @@ class Router:
         if not kept:
             return Accepted(0, duplicates)
         seq = self.journal_seq.take()
-        body = journal.encode_row(kept_items, shared)
+        body = journal.encode_row(kept_items, shared, [m[segment.TIME_KEY] for m in kept])
         try:
             await self.store.call(partial(
                 journal.append, seq=seq, write_key=write_key, body=body, dedup_row=dedup_row,
@@ -201,7 +202,7 @@ class Router:
                 # The same checks as HTTP: an item's size and depth, then its fields.
                 message = segment.decode_item(_encode(original))
                 valid.append(segment.validate(message, type_=None, received_at=now))
-                items.append(_encode(message))
+                items.append(segment.item_bytes(message))
             except Rejected as exc:
                 rejected.append({"index": index, "code": exc.code, "message": exc.message})
                 self.metrics.inc("messages_rejected_total", reason=exc.code)

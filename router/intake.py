@@ -199,7 +199,7 @@ class Intake:
         except Rejected as exc:
             self.metrics.inc("messages_rejected_total", reason=exc.code)
             raise
-        await pipeline.accept(write_key, [message], [_encode(message)])
+        await pipeline.accept(write_key, [message], [segment.item_bytes(message)])
         self.metrics.observe("batch_messages", 1, endpoint="single")
         return Response(200, b'{"success":true}')
 
@@ -252,8 +252,7 @@ class Intake:
                 as_sent = segment.validation_adds_only_time(item)
                 message = segment.validate(
                     item, type_=None, received_at=received_at, sent_at=sent_at)
-                stored = (segment.with_time(data, message[segment.TIME_KEY]) if as_sent
-                          else _encode(message))
+                stored = data if as_sent else segment.item_bytes(message)
                 if shared:
                     message = journal.merge_shared(message, shared)
                     # The limit holds on what is stored and sent: the shared part
@@ -328,7 +327,7 @@ class Intake:
         except Rejected as exc:
             self.metrics.inc("messages_rejected_total", reason=exc.code)
             raise
-        await self.pipeline.accept(write_key, [message], [_encode(message)])
+        await self.pipeline.accept(write_key, [message], [segment.item_bytes(message)])
         self.metrics.observe("batch_messages", 1, endpoint="webhook")
         return Response(200, b'{"success":true}')
 

@@ -52,6 +52,9 @@ class Journaled:
 class _Body(msgspec.Struct):
     items: list[msgspec.Raw]
     shared: dict[str, Any] | None = None
+    # Each item's event time. Rows written before the times were kept apart
+    # have none: their items carry ``_time`` themselves.
+    times: list[float] | None = None
 
 
 _body_decoder = msgspec.json.Decoder(_Body)
@@ -68,18 +71,27 @@ def shared_part(context: dict[str, Any] | None,
     return shared or None
 
 
-def encode_row(items: Sequence[bytes], shared: bytes | None = None) -> bytes:
-    """A journal row's body: the shared part once, then each item's own bytes."""
-    head = b'{"shared":' + shared + b',"items":[' if shared else b'{"items":['
-    return head + b",".join(items) + b"]}"
+def encode_row(items: Sequence[bytes], shared: bytes | None = None,
+               times: Sequence[float] | None = None) -> bytes:
+    """A journal row's body: the shared part once, the items' event times, then each
+    item's own bytes (``segment.item_bytes``)."""
+    head = b'{"shared":' + shared + b',' if shared else b'{'
+    if times is not None:
+        head += b'"times":' + _encode(times) + b','
+    return head + b'"items":[' + b",".join(items) + b"]}"
 
 
 def decode_row(body: bytes) -> list[dict[str, Any]]:
     """The messages of a journal row, the shared part merged into each as intake did."""
     row = _body_decoder.decode(body)
+    times = row.times
+    if times is not None and len(times) != len(row.items):
+        raise ValueError(f"row has {len(row.items)} items but {len(times)} times")
     messages = []
-    for raw in row.items:
+    for index, raw in enumerate(row.items):
         message = segment.decode_json(bytes(raw))
+        if times is not None:
+            message[segment.TIME_KEY] = times[index]
         if row.shared:
             message = merge_shared(message, row.shared)
         messages.append(message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgspec
+import pytest
 from hypothesis import given
 from hypothesis import strategies as hs
 
@@ -27,6 +28,22 @@ class TestRows:
     def test_without_shared_part(self) -> None:
         row = journal.encode_row([b'{"type":"identify","userId":"u"}'])
         assert journal.decode_row(row) == [{"type": "identify", "userId": "u"}]
+
+    def test_event_times_are_kept_beside_the_items(self) -> None:
+        # The items stay the client's bytes; each gets its time back when read.
+        items = [b'{"type":"track","event":"a"}', b'{"type":"track","event":"b"}']
+        times = [1700000000.123456, 0.1 + 0.2]
+        row = journal.encode_row(items, b'{"context":{"ip":"1"}}', times)
+        assert b"_time" not in row
+        messages = journal.decode_row(row)
+        assert [m["_time"] for m in messages] == times  # exact: floats round-trip
+        assert messages[1] == {"type": "track", "event": "b", "_time": 0.30000000000000004,
+                               "context": {"ip": "1"}}
+
+    def test_a_row_whose_times_do_not_match_its_items_is_unreadable(self) -> None:
+        row = journal.encode_row([b'{"type":"track"}'], None, [1.0, 2.0])
+        with pytest.raises(ValueError, match="1 items but 2 times"):
+            journal.decode_row(row)
 
     @given(hs.lists(hs.text(max_size=40), max_size=20))
     def test_ids_round_trip_whatever_they_hold(self, ids: list[str]) -> None:

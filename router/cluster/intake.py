@@ -25,6 +25,7 @@ from coredis.exceptions import RedisError
 
 from ..intake import Accepted, Overloaded
 from ..metrics import Metrics
+from ..segment import TIME_KEY, with_time
 from .keys import Keys
 from .route import REFUSED, Call, Route
 
@@ -53,7 +54,9 @@ class ClusterIntake:
     ) -> Accepted:
         keys = self._keys[self.write_keys[write_key]]
         if shared is None:
-            calls = [Call.of(m, item) for m, item in zip(messages, items, strict=True)]
+            # Each stream entry is read alone, so it carries its event time.
+            calls = [Call.of(m, with_time(item, m[TIME_KEY]))
+                     for m, item in zip(messages, items, strict=True)]
         else:
             # The partition worker reads each message alone: its stream entry holds
             # the batch's shared context merged in.
