@@ -89,7 +89,10 @@ class Identity:
               value: str | None) -> CustomerState | None:
         if value is None:
             return None
-        key = self.index.get((project, prefix + value))
+        return self._state(customers, self.index.get((project, prefix + value)))
+
+    @staticmethod
+    def _state(customers: Customers, key: int | None) -> CustomerState | None:
         if key is None:
             return None
         state = customers.get(key)
@@ -111,8 +114,16 @@ class Identity:
         else:
             registered = message.get("userId")
             cookie = message.get("anonymousId")
-        by_registered = self._find(customers, project, "r:", registered)
-        by_cookie = self._find(customers, project, "c:", cookie)
+        index = self.index
+        registered_key = None if registered is None else index.get((project, "r:" + registered))
+        cookie_key = None if cookie is None else index.get((project, "c:" + cookie))
+        if registered_key is not None and registered_key == cookie_key:
+            # Most calls: a known customer by both ids (see the end of this method).
+            state = self._state(customers, registered_key)
+            assert state is not None
+            return state
+        by_registered = self._state(customers, registered_key)
+        by_cookie = self._state(customers, cookie_key)
 
         if message["type"] == "alias" and by_cookie is None and cookie is not None:
             other = self._find(customers, project, "r:", cookie)

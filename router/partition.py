@@ -106,6 +106,10 @@ class Round:
     commands: list[tuple[int, str, bytes]] = field(default_factory=list)  # customer, project, wire
     refused: list[tuple[str, int, bytes, str, str]] = field(default_factory=list)
     processed: dict[str, int] = field(default_factory=dict)  # messages by type
+    # One turn context per project for the whole round: building one per message
+    # cost as much as some turns. Their counts of sanitized and dropped keys add up
+    # over the round and are counted once (``_count``).
+    turns: dict[str, TurnContext] = field(default_factory=dict)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -417,24 +421,28 @@ class Partition:
                                    f"write key {write_key!r} is no longer configured"))
             return
         changes = round_.changes
+        ctx = round_.turns.get(project)
+        if ctx is None:
+            ctx = round_.turns[project] = TurnContext(
+                project, self.schema(project), self.policy, self.session_timeout, now,
+                self.extras)
+        ctx.context_key = context_key
+        sanitized, dropped = ctx.sanitized, ctx.dropped
         try:
             state = self.identity.resolve(project, message, self, changes, self._arm)
-            ctx = TurnContext(project, self.schema(project), self.policy, self.session_timeout,
-                              now, self.extras, context_key)
             had_session = state.session_start is not None
             commands = turn(state, message, ctx)
         except LimitExceeded as exc:
+            # A refused message changed nothing, so it counts no keys either.
+            ctx.sanitized, ctx.dropped = sanitized, dropped
             self.metrics.inc("messages_refused_total", reason=exc.code)
             log.warning("message refused", code=exc.code, reason=exc.reason,
                         message_id=message.get("messageId"))
             round_.refused.append((project, 0, _json_encode(message), exc.code, exc.reason))
             return
-        if ctx.sanitized:
-            self.metrics.inc("keys_sanitized_total", ctx.sanitized)
-        if ctx.dropped:
-            self.metrics.inc("keys_dropped_total", ctx.dropped)
+        if ctx.dropped != dropped:
             log.warning("property keys dropped over the project's limit", project=project,
-                        count=ctx.dropped, message_id=message.get("messageId"))
+                        count=ctx.dropped - dropped, message_id=message.get("messageId"))
         self._arm(state, had_session)
         if message["type"] in CHANGES_STATE:
             # Other turns only read the record (id changes are marked by identity),
@@ -442,7 +450,9 @@ class Partition:
             changes.dirty[state.key] = state
         key = state.key
         encode = self.encode
-        round_.commands.extend((key, project, encode(command)) for command in commands)
+        append = round_.commands.append
+        for command in commands:
+            append((key, project, encode(command)))
         processed = round_.processed
         kind = message["type"]
         processed[kind] = processed.get(kind, 0) + 1
@@ -478,6 +488,11 @@ class Partition:
         metrics = self.metrics
         for kind, count in round_.processed.items():
             metrics.inc("messages_processed_total", count, type=kind)
+        for ctx in round_.turns.values():
+            if ctx.sanitized:
+                metrics.inc("keys_sanitized_total", ctx.sanitized)
+            if ctx.dropped:
+                metrics.inc("keys_dropped_total", ctx.dropped)
         if changes.created:
             metrics.inc("customers_created_total", changes.created)
         if changes.merged:

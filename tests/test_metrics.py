@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.cli import version
@@ -147,6 +148,30 @@ class TestHistograms:
         assert lag_count >= 1
         assert 0 <= value(families, "router_delivery_lag_seconds_sum") < 10 * lag_count
         assert value(families, "router_delivery_lag_seconds_bucket", le="+Inf") == lag_count
+
+
+class TestPropertyKeys:
+    """Sanitized and dropped keys are counted per message turned, summed per round;
+    a refused message changed nothing and counts nothing."""
+
+    @pytest.fixture
+    def relay_options(self) -> dict[str, Any]:
+        return {"max_event_keys": 2, "max_event_types": 1}
+
+    async def test_sanitized_and_dropped_keys(self, relay: Relay) -> None:
+        batch = {"batch": [
+            track(1, properties={"a.b": 1, "c$": 2}),  # 2 sanitized, both kept
+            track(2, properties={"x.y": 1, "z": 2}),  # 1 sanitized; x_y and z are dropped
+            # A second event type is refused: its sanitized key must not count.
+            {**track(3, properties={"q.r": 1}), "event": "Other"},
+        ]}
+        response = await relay.client.post("/v1/batch", json=batch, headers=basic(WRITE_KEY))
+        assert response.json()["accepted"] == 3
+        assert len(await relay.events("Clicked")) == 2
+        families = scrape(await metrics_text(relay))
+        assert value(families, "router_keys_sanitized_total") == 3
+        assert value(families, "router_keys_dropped_total") == 2
+        assert value(families, "router_messages_refused_total", reason="event_type_limit") == 1
 
 
 class TestRegistry:
