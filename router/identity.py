@@ -13,6 +13,10 @@ to a customer key. Resolving a call applies Infinario's rules:
 
 The rules act on customer records the caller provides (``Customers``); every
 change is noted in a ``Changes`` so the caller can persist it with the commands.
+
+The index may be a cache of a larger directory (``Identity(cached=True)``): an
+id it lacks, or a customer not in memory, then raises ``NotActive`` before
+anything changes, so the caller can load what the call needs and resolve it again.
 """
 
 from __future__ import annotations
@@ -69,6 +73,10 @@ class Changes:
     cookies_dropped: int = 0
 
 
+class NotActive(RuntimeError):
+    """The call needs an id or a customer that is not in memory yet."""
+
+
 class Customers(Protocol):
     """The customer records resolution reads and creates."""
 
@@ -82,14 +90,24 @@ class Customers(Protocol):
 class Identity:
     """The id index and the resolution rules; the index is a bounded cache of the store's."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, cached: bool = False) -> None:
         self.index: dict[tuple[str, str], int] = {}
+        self.cached = cached
+        # With a cached index: ids the caller looked up and found nowhere (new ids).
+        self.absent: set[tuple[str, str]] = set()
+
+    def _key(self, project: str, id_key: str) -> int | None:
+        pair = (project, id_key)
+        key = self.index.get(pair)
+        if key is None and self.cached and pair not in self.absent:
+            raise NotActive(f"id {id_key!r} of {project!r} is not in memory")
+        return key
 
     def _find(self, customers: Customers, project: str, prefix: str,
               value: str | None) -> CustomerState | None:
         if value is None:
             return None
-        return self._state(customers, self.index.get((project, prefix + value)))
+        return self._state(customers, self._key(project, prefix + value))
 
     @staticmethod
     def _state(customers: Customers, key: int | None) -> CustomerState | None:
@@ -97,7 +115,7 @@ class Identity:
             return None
         state = customers.get(key)
         if state is None:
-            raise RuntimeError(f"customer {key} was not activated before its turn")
+            raise NotActive(f"customer {key} is not in memory")
         return state
 
     def resolve(self, project: str, message: dict[str, Any], customers: Customers,
@@ -114,9 +132,8 @@ class Identity:
         else:
             registered = message.get("userId")
             cookie = message.get("anonymousId")
-        index = self.index
-        registered_key = None if registered is None else index.get((project, "r:" + registered))
-        cookie_key = None if cookie is None else index.get((project, "c:" + cookie))
+        registered_key = None if registered is None else self._key(project, "r:" + registered)
+        cookie_key = None if cookie is None else self._key(project, "c:" + cookie)
         if registered_key is not None and registered_key == cookie_key:
             # Most calls: a known customer by both ids (see the end of this method).
             state = self._state(customers, registered_key)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import heapq
 import math
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
@@ -49,7 +49,7 @@ from .customer import (
     turn,
 )
 from .failpoints import crash_point
-from .identity import Changes, Identity, lookup_keys
+from .identity import Changes, Identity, NotActive, lookup_keys
 from .journal import Journaled
 from .mapping import EventPolicy, ExtrasCache, LimitExceeded, Limits, Schema
 from .metrics import Metrics
@@ -163,7 +163,7 @@ class Partition:
         self.outbox_seq = outbox_seq
         self.wall = wall
         self.encode = encode  # a command's wire form, in the configured dialect
-        self.identity = Identity()
+        self.identity = Identity(cached=True)
         self.extras = ExtrasCache()
         self.schemas: dict[str, Schema] = {}
         self.states: dict[int, CustomerState] = {}
@@ -326,10 +326,13 @@ class Partition:
         try:
             now = self.wall()
             due = self.timers.due(now, ROUND_MESSAGES)
-            await self._activate(batches, due)
             round_ = Round()
+            # Ids found nowhere are new for this round only: once it commits, the
+            # store has whatever it made of them.
+            self.identity.absent.clear()
+            await self._activate(round_, (), due)
             turned = 0
-            for batch in batches:
+            for position, batch in enumerate(batches):
                 round_.journal_seqs.append(batch.seq)
                 round_.journal_bytes += batch.size
                 if admitted:
@@ -337,8 +340,17 @@ class Partition:
                 project = self.write_keys.get(batch.write_key)
                 contexts = batch.contexts or _NO_CONTEXTS
                 for index, message in enumerate(batch.messages):
-                    self._handle(batch.write_key, project, message, round_, now,
-                                 contexts[index] if contexts else None)
+                    context_key = contexts[index] if contexts else None
+                    try:
+                        self._handle(batch.write_key, project, message, round_, now,
+                                     context_key)
+                    except NotActive:
+                        # Most rounds find every customer in memory and read
+                        # nothing. The first call that does not loads what the
+                        # rest of the round needs, in one read.
+                        await self._activate(round_, self._rest(batches, position, index), ())
+                        self._handle(batch.write_key, project, message, round_, now,
+                                     context_key)
                     turned += 1
                     if turned % SLICE == 0:
                         await trio.lowlevel.checkpoint()
@@ -376,35 +388,57 @@ class Partition:
             self.admission.release(round_.messages)
             self.changed.fire()
 
-    async def _activate(self, batches: list[Journaled], due: list[int]) -> None:
-        """Load the customers these messages and timers need that are hibernated."""
-        wanted_ids: set[tuple[str, str]] = set()
-        wanted_keys: set[int] = set()
+    def _rest(self, batches: list[Journaled], position: int,
+              index: int) -> Iterator[tuple[str | None, dict[str, Any]]]:
+        """Each call of the round from ``batches[position].messages[index]`` on, with
+        its project."""
+        for at in range(position, len(batches)):
+            batch = batches[at]
+            project = self.write_keys.get(batch.write_key)
+            for message in batch.messages[index if at == position else 0:]:
+                yield project, message
+
+    async def _activate(self, round_: Round,
+                        calls: Iterable[tuple[str | None, dict[str, Any]]],
+                        due: Sequence[int]) -> None:
+        """Read the ids and hibernated customers ``calls`` and the due timers need.
+
+        What this round already did stays as it is: an id it unlinked is new
+        (the store still has the old row), and a customer in memory, changed or
+        not, is not read back over.
+        """
+        changed_ids = round_.changes.ids
+        absent = self.identity.absent
         index = self.identity.index
         states = self.states
-        for batch in batches:
-            project = self.write_keys.get(batch.write_key)
+        wanted_ids: set[tuple[str, str]] = set()
+        wanted_keys: set[int] = set()
+        for project, message in calls:
             if project is None:
                 continue
-            for message in batch.messages:
-                for id_key in lookup_keys(message):
-                    pair = (project, id_key)
-                    key = index.get(pair)
-                    if key is None:
+            for id_key in lookup_keys(message):
+                pair = (project, id_key)
+                key = index.get(pair)
+                if key is None:
+                    if pair in changed_ids:
+                        absent.add(pair)
+                    elif pair not in absent:
                         wanted_ids.add(pair)
-                    elif key not in states:
-                        wanted_keys.add(key)
-        for key in due:
-            if key not in states:
-                wanted_keys.add(key)
+                elif key not in states:
+                    wanted_keys.add(key)
+        wanted_keys.update(key for key in due if key not in states)
         if not wanted_ids and not wanted_keys:
             return
         found_ids, blobs = await self.store.call(
             partial(_lookup, pairs=wanted_ids, keys=wanted_keys))
         index.update(found_ids)
+        absent.update(wanted_ids.difference(found_ids))
+        loaded = 0
         for key, blob in blobs.items():
-            states[key] = state_decoder.decode(blob)
-        self.metrics.inc("customers_activated_total", len(blobs))
+            if key not in states:
+                states[key] = state_decoder.decode(blob)
+                loaded += 1
+        self.metrics.inc("customers_activated_total", loaded)
 
     def _arm(self, state: CustomerState, had_session: bool) -> None:
         if not had_session and state.session_start is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -12,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 import trio.testing
+from msgspec.structs import replace
 from trio.testing import MockClock
 
-from router import Config, Router, open_router
+from router import Config, Router, identity, open_router
 from router.customer import CustomerState, state_decoder
 
 from .conftest import FakeInfinario
@@ -388,6 +391,59 @@ class TestHibernation:
             assert customers(infinario)[-1]["properties"] == {"group_id": "g2",
                                                               "group_plan": None}
             assert len(events(infinario, "page_visit")) == 11
+
+
+    # Seed 26 with a cache of 8 reads back a customer this round already changed.
+    @pytest.mark.parametrize(("seed", "cache"), [(26, 8), (11, 5), (12, 3), (14, 4)])
+    async def test_a_small_cache_decides_as_a_large_one(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int, cache: int
+    ) -> None:
+        """Customers read back in the middle of a round, after the round has merged,
+        moved and trimmed ids, end exactly as with every customer in memory."""
+        monkeypatch.setattr(identity, "MAX_COOKIES", 2)  # cookie trims (unlinks) happen
+        rng = random.Random(seed)
+        t0 = 1_700_000_000.0
+        calls: list[dict[str, Any]] = []
+        for n in range(600):
+            # Skewed towards a few busy customers with many cookies.
+            user = f"u{min(rng.randrange(14), rng.randrange(14))}"
+            anon = f"a{min(rng.randrange(30), rng.randrange(30))}"
+            kind = rng.choice(["track", "track", "page", "identify", "alias"])
+            call: dict[str, Any] = {"type": kind, "messageId": f"m{n}",
+                                    "timestamp": iso(t0 + n)}
+            if kind == "alias":
+                previous = anon if rng.random() < 0.7 else f"u{rng.randrange(14)}"
+                call.update(userId=user, previousId=previous)
+            else:
+                ids = rng.choice([("userId",), ("anonymousId",), ("userId", "anonymousId")])
+                call.update({name: user if name == "userId" else anon for name in ids})
+                if kind == "track":
+                    call["event"] = "Clicked"
+            calls.append(call)
+
+        async def outcome(data_dir: Path, cache: int) -> tuple[Any, ...]:
+            infinario = FakeInfinario()
+            async with running(data_dir, infinario, active_customers=cache) as router:
+                # Sent without waiting in between, so rounds hold several requests and
+                # meet hibernated customers part way through.
+                for start in range(0, len(calls), 75):
+                    result = await router.submit_batch(calls[start:start + 75], write_key=WK)
+                    assert result.rejected == []
+                await router.drain()
+                activated = router.metrics.get("customers_activated_total")
+                ids = await stored_ids(router)
+                # session_seen is the wall clock of the last visit: it differs by run.
+                states = [(key, replace(state_decoder.decode(blob), session_seen=None))
+                          for key, blob in await query(
+                              router, "SELECT key, state FROM customers ORDER BY key")]
+            commands = sorted(json.dumps(c, sort_keys=True) for c in infinario.commands)
+            return activated, ids, states, commands
+
+        small = await outcome(tmp_path / "small", cache)
+        large = await outcome(tmp_path / "large", 10_000)
+        assert small[0] > 0 and large[0] == 0  # the small cache did read customers back
+        assert small[1:] == large[1:]
+        assert any(c.startswith('{"data": {"customer_ids"') for c in small[3])
 
 
 class TestRestart:
