@@ -33,6 +33,8 @@ SESSION_END = "session_end"
 # The message types whose turn may change the customer's record (sessions,
 # group); the others only read it.
 CHANGES_STATE = frozenset({"page", "screen", "group"})
+# Calls whose turns add the context's extras to an event (``TurnContext.extras_of``).
+USES_EXTRAS = frozenset({"track", "page", "screen"})
 
 
 class CustomerState(msgspec.Struct, array_like=True, gc=False):

@@ -25,6 +25,7 @@ import trio
 
 from . import journal, segment
 from .admin import INTAKE_ALONE, OPERATOR_PATHS, not_found, operator_response
+from .customer import USES_EXTRAS
 from .errors import Rejected
 from .metrics import Metrics
 from .server import Request, RequestHead, Response, Route
@@ -260,8 +261,10 @@ class Intake:
                     if len(stored) + shared_size > segment.MAX_MESSAGE_BYTES:
                         segment.check_size(_encode(message), "with the batch's shared part")
                     context_key = None
-                else:
+                elif message["type"] in USES_EXTRAS:
                     context_key = segment.context_key(data)
+                else:
+                    context_key = None
                 messages.append(message)
                 items.append(stored)
                 valid.indexes.append(index)
