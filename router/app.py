@@ -105,7 +105,7 @@ class Router:
 
     async def accept(
         self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[bytes],
-        shared: bytes | None = None, contexts: Sequence[bytes | None] | None = None,
+        shared: bytes | None = None, contexts: Sequence[int | None] | None = None,
     ) -> Accepted:
         """Journal validated messages as one request; return once they are on disk.
 
@@ -128,7 +128,7 @@ class Router:
 
     async def _accept(
         self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[bytes],
-        shared: bytes | None, contexts: Sequence[bytes | None] | None, count: int,
+        shared: bytes | None, contexts: Sequence[int | None] | None, count: int,
     ) -> Accepted:
         if self.spool.full or self._disk_full():
             raise Overloaded("spool is over its disk cap")

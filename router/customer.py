@@ -86,9 +86,9 @@ class TurnContext:
     # Wall time of the turn. Without one (a pure caller), the session deadline
     # follows event time; 0.0 would put it at the epoch and expire it at once.
     now: float | None = None
-    # Context extras remembered by the context's JSON bytes (``context_key``).
+    # Context extras remembered by the hash of the context's JSON bytes (``context_key``).
     cache: ExtrasCache | None = None
-    context_key: bytes | None = None
+    context_key: int | None = None
     sanitized: int = 0
     dropped: int = 0
 

@@ -67,9 +67,9 @@ class Validated:
     items: list[bytes] = field(default_factory=list)
     indexes: list[int] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
-    # Each message's context as its JSON bytes, the key under which its extras
-    # are remembered (None: merged with a shared part, or absent).
-    contexts: list[bytes | None] = field(default_factory=list)
+    # Each message's ``segment.context_key``, under which its extras are
+    # remembered (None: merged with a shared part, absent, or not needed).
+    contexts: list[int | None] = field(default_factory=list)
 
 
 class Pipeline(Protocol):
@@ -86,7 +86,7 @@ class Pipeline(Protocol):
 
     async def accept(
         self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[bytes],
-        shared: bytes | None = None, contexts: Sequence[bytes | None] | None = None,
+        shared: bytes | None = None, contexts: Sequence[int | None] | None = None,
     ) -> Accepted: ...
 
     def report(self) -> dict[str, Any]: ...

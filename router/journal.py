@@ -41,9 +41,9 @@ class Journaled:
     write_key: str
     messages: list[dict[str, Any]]
     size: int  # bytes the journal row holds in the spool
-    # Each message's context as JSON bytes, where intake read it (extras are
+    # Each message's ``segment.context_key``, where intake read it (extras are
     # remembered by it); None after a restart.
-    contexts: Sequence[bytes | None] | None = None
+    contexts: Sequence[int | None] | None = None
 
 
 # --- the row format ---------------------------------------------------------------------------

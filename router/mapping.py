@@ -154,7 +154,7 @@ def context_extras(context: Mapping[str, Any] | None) -> tuple[dict[str, Any], i
 
 
 class ExtrasCache:
-    """``context_extras`` by the context's JSON bytes.
+    """``context_extras`` by the context's JSON bytes (``segment.context_key``).
 
     A server-side library sends the same context with every message, and a
     device the same one for a whole session: unpacking it once per distinct
@@ -163,8 +163,9 @@ class ExtrasCache:
 
     Entries are keyed by the 64-bit hash of the bytes, not the bytes: a hit then
     reads no stored copy of a context (hundreds of bytes, long out of the CPU's
-    caches), and the cache holds no copies at all. Two distinct contexts share a
-    hash with probability 2**-64 per pair, far below any disk's error rate.
+    caches), and neither the cache nor the messages on their way to it hold
+    copies. Two distinct contexts share a hash with probability 2**-64 per pair,
+    far below any disk's error rate.
     """
 
     def __init__(self, size: int = 4096) -> None:
@@ -172,18 +173,18 @@ class ExtrasCache:
         self._entries: dict[int, tuple[dict[str, Any], int]] = {}
 
     def __call__(self, context: Mapping[str, Any] | None,
-                 key: bytes | None) -> tuple[dict[str, Any], int]:
-        """A fresh dict of ``context``'s extras (``key``: its JSON bytes, or None)."""
+                 key: int | None) -> tuple[dict[str, Any], int]:
+        """A fresh dict of ``context``'s extras (``key``: the hash of its JSON bytes, or
+        None)."""
         if key is None:
             return context_extras(context)
         entries = self._entries
-        digest = hash(key)
-        hit = entries.get(digest)
+        hit = entries.get(key)
         if hit is None:
             if len(entries) >= self.size:
                 for old in list(islice(entries, self.size // 2)):
                     del entries[old]
-            hit = entries[digest] = context_extras(context)
+            hit = entries[key] = context_extras(context)
         extras, changed = hit
         return dict(extras), changed
 

@@ -62,7 +62,7 @@ ROUND_MESSAGES = 1000  # a round takes whole requests until it holds this many m
 SLICE = 256  # messages turned between checkpoints: no round stalls the event loop for long
 RECOVER_ROWS = 64
 _json_encode = msgspec.json.Encoder().encode
-_NO_CONTEXTS: tuple[bytes | None, ...] = ()
+_NO_CONTEXTS: tuple[int | None, ...] = ()
 
 
 class SessionTimers:
@@ -447,7 +447,7 @@ class Partition:
             self.timers.arm(deadline, state.key)
 
     def _handle(self, write_key: str, project: str | None, message: dict[str, Any],
-                round_: Round, now: float, context_key: bytes | None = None) -> None:
+                round_: Round, now: float, context_key: int | None = None) -> None:
         if project is None:
             # The write key was removed from the configuration since this message
             # was journaled; keep it where an operator can see and replay it.

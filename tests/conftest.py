@@ -136,7 +136,7 @@ async def relay(tmp_path: Path, relay_options: dict[str, Any]) -> AsyncIterator[
 
         async def spy(write_key: str, messages: Sequence[dict[str, Any]],
                       given: Sequence[bytes], shared: bytes | None = None,
-                      contexts: Sequence[bytes | None] | None = None) -> Accepted:
+                      contexts: Sequence[int | None] | None = None) -> Accepted:
             result = await accept(write_key, messages, given, shared, contexts)
             accepted.append([dict(m) for m in messages])
             items.append(list(given))

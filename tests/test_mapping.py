@@ -664,12 +664,12 @@ class TestExtrasCache:
 
         cache = ExtrasCache(size=4)
         context = {"os": {"name": "iOS"}, "ip": "1.2.3.4", "a.b": 1, "traits": {"x": 1}}
-        first, changed = cache(context, b"key")
+        first, changed = cache(context, 17)
         assert (first, changed) == context_extras(context)
         first["added"] = True
-        again, _ = cache(context, b"key")
+        again, _ = cache(context, 17)
         assert "added" not in again
         for n in range(10):
-            cache({"n": n}, b"k%d" % n)
+            cache({"n": n}, n)
         assert len(cache._entries) <= 4
         assert cache(context, None) == context_extras(context)

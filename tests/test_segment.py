@@ -408,3 +408,20 @@ class TestJournalBytes:
             "numeric previousId", "own _time"])
     def test_messages_validation_changes_are_encoded_anew(self, item: dict[str, Any]) -> None:
         assert not segment.validation_adds_only_time(item)
+
+
+class TestContextKey:
+    """The key of a message's context extras: the same for the same context bytes in
+    any message, another for another context, none without a context."""
+
+    def test_same_context_same_key(self) -> None:
+        a = b'{"type":"track","event":"a","context":{"ip":"1.2.3.4","os":{"name":"iOS"}}}'
+        b = b'{"context":{"ip":"1.2.3.4","os":{"name":"iOS"}},"type":"page","userId":"u"}'
+        other = b'{"type":"track","context":{"ip":"1.2.3.5","os":{"name":"iOS"}}}'
+        assert segment.context_key(a) == segment.context_key(b)
+        assert isinstance(segment.context_key(a), int)
+        assert segment.context_key(a) != segment.context_key(other)
+
+    def test_no_context_no_key(self) -> None:
+        for data in (b'{"type":"track"}', b'{"context":null}', b'{"context":{}}'):
+            assert segment.context_key(data) is None

@@ -70,7 +70,7 @@ class ClusterRouter:
 
     async def accept(
         self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[bytes],
-        shared: bytes | None = None, contexts: Sequence[bytes | None] | None = None,
+        shared: bytes | None = None, contexts: Sequence[int | None] | None = None,
     ) -> Accepted:
         if not messages:
             return Accepted(0, 0)
