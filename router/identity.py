@@ -132,8 +132,17 @@ class Identity:
         else:
             registered = message.get("userId")
             cookie = message.get("anonymousId")
-        registered_key = None if registered is None else self._key(project, "r:" + registered)
-        cookie_key = None if cookie is None else self._key(project, "c:" + cookie)
+        # The index lookups inline, ``_key`` only for a miss: this runs for every call.
+        index = self.index
+        registered_key = cookie_key = None
+        if registered is not None:
+            registered_key = index.get((project, "r:" + registered))
+            if registered_key is None:
+                registered_key = self._key(project, "r:" + registered)
+        if cookie is not None:
+            cookie_key = index.get((project, "c:" + cookie))
+            if cookie_key is None:
+                cookie_key = self._key(project, "c:" + cookie)
         if registered_key is not None and registered_key == cookie_key:
             # Most calls: a known customer by both ids (see the end of this method).
             state = self._state(customers, registered_key)
