@@ -1,8 +1,8 @@
 """The journal: each accepted request's messages, on disk before the 200, and messageId dedup.
 
 One row per request. Its body keeps the request's shared ``context`` and
-``integrations`` once and each message as the client sent it (plus the event
-time), so a batch-level context is not copied into every stored message; the
+``integrations`` once, the messages' event times, and each message as the client
+sent it, so a batch-level context is not copied into every stored message; the
 customers stage gets the merged messages from memory and only recovery reads
 the rows back. A row leaves the journal in the transaction that commits the
 commands its messages produced.
