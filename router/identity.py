@@ -96,11 +96,16 @@ class Identity:
         # With a cached index: ids the caller looked up and found nowhere (new ids).
         self.absent: set[tuple[str, str]] = set()
 
+    def _missing(self, pair: tuple[str, str]) -> None:
+        """An id the index lacks: new, unless the index is a cache that may not hold it."""
+        if self.cached and pair not in self.absent:
+            raise NotActive(f"id {pair[1]!r} of {pair[0]!r} is not in memory")
+
     def _key(self, project: str, id_key: str) -> int | None:
         pair = (project, id_key)
         key = self.index.get(pair)
-        if key is None and self.cached and pair not in self.absent:
-            raise NotActive(f"id {id_key!r} of {project!r} is not in memory")
+        if key is None:
+            self._missing(pair)
         return key
 
     def _find(self, customers: Customers, project: str, prefix: str,
@@ -132,17 +137,19 @@ class Identity:
         else:
             registered = message.get("userId")
             cookie = message.get("anonymousId")
-        # The index lookups inline, ``_key`` only for a miss: this runs for every call.
+        # ``_key`` inline: this runs for every call.
         index = self.index
         registered_key = cookie_key = None
         if registered is not None:
-            registered_key = index.get((project, "r:" + registered))
+            pair = (project, "r:" + registered)
+            registered_key = index.get(pair)
             if registered_key is None:
-                registered_key = self._key(project, "r:" + registered)
+                self._missing(pair)
         if cookie is not None:
-            cookie_key = index.get((project, "c:" + cookie))
+            pair = (project, "c:" + cookie)
+            cookie_key = index.get(pair)
             if cookie_key is None:
-                cookie_key = self._key(project, "c:" + cookie)
+                self._missing(pair)
         if registered_key is not None and registered_key == cookie_key:
             # Most calls: a known customer by both ids (see the end of this method).
             state = self._state(customers, registered_key)

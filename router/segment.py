@@ -32,6 +32,7 @@ MAX_TIME = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
 # Tuples, not ``dict | list``: a union in an isinstance call is built anew each time.
 _CONTAINERS = (dict, list)
 _NUMBERS = (int, float)
+_ID_TYPES = (str, int, float)  # what an id may be sent as; numbers become strings
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
@@ -221,7 +222,7 @@ def coerce_id(message: dict[str, Any], field: str, *, required: bool) -> str | N
             raise Rejected("missing_id", f"{field} is required")
         return None
     if type(value) is not str:
-        if isinstance(value, bool) or not isinstance(value, (str, *_NUMBERS)):
+        if isinstance(value, bool) or not isinstance(value, _ID_TYPES):
             raise Rejected("invalid_id",
                            f"{field} must be a string, got {type(value).__name__}")
         value = str(value)
