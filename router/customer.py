@@ -9,7 +9,6 @@ calls into here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ import msgspec
 
 from .commands import Command
 from .mapping import (
+    Context,
     EventPolicy,
     ExtrasCache,
     LimitExceeded,
@@ -26,7 +26,7 @@ from .mapping import (
     event_properties,
     group_properties,
 )
-from .segment import TIME_KEY
+from .segment import TIME_KEY, context_of
 
 SESSION_START = "session_start"
 SESSION_END = "session_end"
@@ -92,7 +92,7 @@ class TurnContext:
     sanitized: int = 0
     dropped: int = 0
 
-    def extras_of(self, context: Mapping[str, Any] | None) -> tuple[dict[str, Any], int]:
+    def extras_of(self, context: Context) -> tuple[dict[str, Any], int]:
         """The call's context extras, as a dict the caller owns."""
         if self.cache is None:
             return context_extras(context)
@@ -131,7 +131,7 @@ def turn(state: CustomerState, message: dict[str, Any], ctx: TurnContext) -> lis
     if kind == "identify":
         traits = message.get("traits")
         if not traits:
-            context = message.get("context") or {}
+            context = context_of(message)
             traits = context.get("traits") if isinstance(context, dict) else None
         props, sanitized = clean_properties(traits)
         ctx.sanitized += sanitized
@@ -200,7 +200,8 @@ def _visit(
     if opens:
         extras, _ = ctx.extras_of(message.get("context"))
         own = message.get("properties") or {}
-        page = (message.get("context") or {}).get("page") or {}
+        context = context_of(message)
+        page = context.get("page") if isinstance(context, dict) else None
         for field in ("url", "referrer"):
             value = own.get(field) if isinstance(own, dict) else None
             if value is None and isinstance(page, dict):

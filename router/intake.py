@@ -249,22 +249,34 @@ class Intake:
         for index, raw in enumerate(raws):
             try:
                 data = bytes(raw)  # one copy, for decoding and for the journal
-                item = segment.decode_item(data)
-                as_sent = segment.validation_adds_only_time(item)
-                message = segment.validate(
-                    item, type_=None, received_at=received_at, sent_at=sent_at)
-                stored = data if as_sent else segment.item_bytes(message)
-                if shared:
-                    message = journal.merge_shared(message, shared)
-                    # The limit holds on what is stored and sent: the shared part
-                    # goes into every command this message produces.
-                    if len(stored) + shared_size > segment.MAX_MESSAGE_BYTES:
-                        segment.check_size(_encode(message), "with the batch's shared part")
-                    context_key = None
-                elif message["type"] in USES_EXTRAS:
-                    context_key = segment.context_key(data)
+                segment.check_size(data)
+                # A shared part is merged into each message, so those get the full decode.
+                item = None if shared else segment.decode_lean(data)
+                if item is not None:
+                    message = segment.validate(
+                        item, type_=None, received_at=received_at, sent_at=sent_at)
+                    stored = data
+                    context = message["context"]
+                    context_key = (segment.raw_context_key(context)
+                                   if context is not None and message["type"] in USES_EXTRAS
+                                   else None)
                 else:
-                    context_key = None
+                    item = segment.decode_item(data)
+                    as_sent = segment.validation_adds_only_time(item)
+                    message = segment.validate(
+                        item, type_=None, received_at=received_at, sent_at=sent_at)
+                    stored = data if as_sent else segment.item_bytes(message)
+                    if shared:
+                        message = journal.merge_shared(message, shared)
+                        # The limit holds on what is stored and sent: the shared part
+                        # goes into every command this message produces.
+                        if len(stored) + shared_size > segment.MAX_MESSAGE_BYTES:
+                            segment.check_size(_encode(message), "with the batch's shared part")
+                        context_key = None
+                    elif message["type"] in USES_EXTRAS:
+                        context_key = segment.context_key(data)
+                    else:
+                        context_key = None
                 messages.append(message)
                 items.append(stored)
                 valid.indexes.append(index)

@@ -25,6 +25,8 @@ from itertools import islice
 from types import MappingProxyType
 from typing import Any
 
+import msgspec
+
 __all__ = [
     "CONTEXT_EXCLUDED",
     "EventPolicy",
@@ -39,6 +41,12 @@ __all__ = [
     "group_properties",
     "sanitize",
 ]
+
+_decode = msgspec.json.Decoder().decode
+
+# A call's context: decoded, or still the JSON bytes intake left it as
+# (``segment.decode_lean``).
+Context = Mapping[str, Any] | bytes | None
 
 # ``traits`` are the customer's properties, not the event's, and
 # ``integrations`` is Segment's routing switchboard: neither describes the event.
@@ -140,13 +148,16 @@ def clean_properties(raw: Mapping[str, Any] | None) -> tuple[dict[str, Any], int
     return sanitize(flatten(raw))
 
 
-def context_extras(context: Mapping[str, Any] | None) -> tuple[dict[str, Any], int]:
+def context_extras(context: Context) -> tuple[dict[str, Any], int]:
     """The call's context, minus ``traits`` and ``integrations``, as properties.
 
     Unpacked one level and sanitized like event properties, so ``os.name``
     becomes ``os_name`` and ``page.url`` becomes ``page_url``. The dict is
-    always new, never ``context`` itself.
+    always new, never ``context`` itself. ``context`` may still be the JSON bytes
+    intake left it as (``segment.decode_lean``).
     """
+    if type(context) is bytes:
+        context = _decode(context)
     if type(context) is not dict and not isinstance(context, Mapping):
         return {}, 0
     extras, changed = sanitize(_flatten(context, CONTEXT_EXCLUDED))
@@ -172,8 +183,7 @@ class ExtrasCache:
         self.size = size
         self._entries: dict[int, tuple[dict[str, Any], int]] = {}
 
-    def __call__(self, context: Mapping[str, Any] | None,
-                 key: int | None) -> tuple[dict[str, Any], int]:
+    def __call__(self, context: Context, key: int | None) -> tuple[dict[str, Any], int]:
         """A fresh dict of ``context``'s extras (``key``: the hash of its JSON bytes, or
         None)."""
         if key is None:
@@ -190,8 +200,8 @@ class ExtrasCache:
 
 
 def event_properties(
-    properties: Mapping[str, Any] | None, context: Mapping[str, Any] | None,
-    extras_of: Callable[[Mapping[str, Any] | None], tuple[dict[str, Any], int]] = context_extras,
+    properties: Mapping[str, Any] | None, context: Context,
+    extras_of: Callable[[Context], tuple[dict[str, Any], int]] = context_extras,
 ) -> tuple[dict[str, Any], int]:
     """Context extras overlaid by the event's own cleaned properties.
 

@@ -54,6 +54,7 @@ from .journal import Journaled
 from .mapping import EventPolicy, ExtrasCache, LimitExceeded, Limits, Schema
 from .metrics import Metrics
 from .outbox import OutboxRow
+from .segment import message_json
 from .spool import Spool
 
 log = structlog.get_logger("router.partition")
@@ -451,7 +452,7 @@ class Partition:
         if project is None:
             # The write key was removed from the configuration since this message
             # was journaled; keep it where an operator can see and replay it.
-            round_.refused.append(("", 0, _json_encode(message), "unknown_write_key",
+            round_.refused.append(("", 0, message_json(message), "unknown_write_key",
                                    f"write key {write_key!r} is no longer configured"))
             return
         changes = round_.changes
@@ -472,7 +473,7 @@ class Partition:
             self.metrics.inc("messages_refused_total", reason=exc.code)
             log.warning("message refused", code=exc.code, reason=exc.reason,
                         message_id=message.get("messageId"))
-            round_.refused.append((project, 0, _json_encode(message), exc.code, exc.reason))
+            round_.refused.append((project, 0, message_json(message), exc.code, exc.reason))
             return
         if ctx.dropped != dropped:
             log.warning("property keys dropped over the project's limit", project=project,

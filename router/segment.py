@@ -123,6 +123,106 @@ def decode_item(raw: bytes | msgspec.Raw) -> Any:
     return _decode_checked(bytes(raw), "message")
 
 
+# --- the lean decode: what the pipeline reads, nothing else ------------------------------------
+
+
+class _Fields(msgspec.Struct):
+    """The message fields the pipeline reads, with the context left as JSON bytes.
+
+    Field names are the JSON keys, so ``asdict`` gives the message dict the rest
+    of the pipeline takes; an absent field is None there, as ``message.get``
+    would give (but for ``sentAt``). Other keys are skipped: the journal keeps
+    the message's bytes.
+    """
+
+    type: Any = None
+    messageId: Any = None
+    userId: Any = None
+    anonymousId: Any = None
+    previousId: Any = None
+    groupId: Any = None
+    event: Any = None
+    name: Any = None
+    category: Any = None
+    timestamp: Any = None
+    originalTimestamp: Any = None
+    # Absent differs from null here: an absent one defers to the batch's sentAt.
+    sentAt: Any = msgspec.UNSET
+    properties: Any = None
+    traits: Any = None
+    context: msgspec.Raw = msgspec.Raw(b"null")
+    integrations: Any = None
+    writeKey: Any = None  # Segment's webhook destination sends one per message
+
+
+_fields_decoder = msgspec.json.Decoder(_Fields)
+_asdict = msgspec.structs.asdict
+_TIME_NAME = b'"' + TIME_KEY.encode() + b'"'
+# Where a message decoded by ``decode_lean`` keeps its own JSON bytes. A decoded
+# JSON value is never ``bytes``, so a client's key of the same name cannot pass
+# for it (see ``message_json``).
+RAW_KEY = "_raw"
+
+
+def decode_lean(data: bytes) -> dict[str, Any] | None:
+    """A batch item as the pipeline needs it, or None when the full decode must do.
+
+    Most of a message's objects are its context, which the relay reads only when
+    it has not seen that context before (``mapping.ExtrasCache``). Leaving it as
+    JSON bytes (``context_of`` decodes it on demand; a null or empty one is None)
+    halves the objects each message costs to build, walk and free.
+
+    Only for an item ``validate`` will leave as it is but for its time (see
+    ``validation_adds_only_time``), that cannot nest past ``MAX_DEPTH`` and whose
+    context is an object or null; any other item gets ``decode_item``, whose
+    errors are the ones a client must see. Call ``check_size`` first.
+    """
+    # Fewer brackets than the depth limit cannot nest past it.
+    if data.count(b"{") + data.count(b"[") > MAX_DEPTH or _TIME_NAME in data:
+        return None
+    try:
+        fields = _fields_decoder.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    message_id = fields.messageId
+    if type(message_id) is not str or not message_id:
+        return None
+    for value in (fields.userId, fields.anonymousId, fields.previousId, fields.groupId):
+        if value is not None and type(value) is not str:
+            return None
+    context = bytes(fields.context)
+    if not (context[:1] == b"{" or context == b"null"):
+        return None
+    message = _asdict(fields)
+    if fields.sentAt is msgspec.UNSET:
+        del message["sentAt"]
+    message["context"] = context if len(context) > 4 else None
+    message[RAW_KEY] = data
+    return message
+
+
+def context_of(message: dict[str, Any]) -> Any:
+    """The message's ``context``, decoded if ``decode_lean`` left it as JSON bytes."""
+    context = message.get("context")
+    if type(context) is bytes:
+        context = message["context"] = _decoder.decode(context)
+    return context
+
+
+def raw_context_key(raw: bytes | msgspec.Raw) -> int | None:
+    """``context_key`` of a context's JSON bytes: None for null or ``{}``."""
+    return hash(bytes(raw)) if len(raw) > 4 else None
+
+
+def message_json(message: dict[str, Any]) -> bytes:
+    """The validated message as JSON, ``_time`` included: a lean one from the bytes its
+    client sent, others encoded."""
+    raw = message.get(RAW_KEY)
+    if type(raw) is bytes:
+        return with_time(raw, message[TIME_KEY])
+    return _encoder.encode(message)
+
+
 class _ContextProbe(msgspec.Struct):
     """Just a message's context, as JSON bytes: skipping the rest costs little."""
 
@@ -139,8 +239,7 @@ def context_key(data: bytes) -> int | None:
     Hashed here, while the request's bytes are still in the CPU's caches: the
     turn that uses the key comes milliseconds later, when they are not.
     """
-    raw = _context_probe.decode(data).context
-    return hash(bytes(raw)) if len(raw) > 4 else None
+    return raw_context_key(_context_probe.decode(data).context)
 
 
 def check_size(data: bytes | msgspec.Raw, what: str = "") -> None:
@@ -234,7 +333,8 @@ def coerce_id(message: dict[str, Any], field: str, *, required: bool) -> str | N
 
 def _object_field(message: dict[str, Any], field: str) -> None:
     value = message.get(field)
-    if value is not None and not isinstance(value, dict):
+    # Bytes are a context ``decode_lean`` found to be an object.
+    if value is not None and type(value) is not bytes and not isinstance(value, dict):
         raise Rejected("invalid_field", f"{field} must be an object, got {type(value).__name__}")
 
 

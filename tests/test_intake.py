@@ -18,7 +18,7 @@ import trio
 import trio.lowlevel
 
 import router.inflate as inflate_module
-from router import Overloaded, open_router
+from router import Overloaded, open_router, segment
 from router.app import State
 
 from .conftest import WRITE_KEY, FakeInfinario, Relay, relay_config
@@ -220,14 +220,38 @@ class TestBatchEndpoints:
         [messages], [items] = relay.accepted, relay.given_items
         first, second, third = items
         # Items never carry the event time: it travels beside them, in the message.
-        without_time = [{k: v for k, v in m.items() if k != "_time"} for m in messages]
         assert all("_time" in m for m in messages)
+        without_time = [{k: v for k, v in json.loads(segment.message_json(m)).items()
+                         if k != "_time"} for m in messages]
+        # The first is decoded lean: the fields the pipeline reads, its context still bytes.
+        assert messages[0]["event"] == "e" and messages[0]["previousId"] is None
         assert first == as_sent  # the client's own bytes
         assert json.loads(first) == without_time[0]
         assert messages[1]["userId"] == "2"  # coerced: encoded anew
         assert json.loads(second) == without_time[1]
         assert json.loads(third) == without_time[2]  # messageId filled in
         assert len(await relay.events()) == 3
+
+    async def test_a_refused_message_is_kept_as_its_client_sent_it(self, relay: Relay) -> None:
+        # Keys the pipeline never reads, an explicit null and the context all reach the
+        # dead letter, whichever way intake decoded the message.
+        sent = [b'{"type":"track","event":"campaign","userId":"u%d","messageId":"m%d",'
+                b'"channel":"server","anonymousId":null,"context":{"ip":"10.0.0.%d"}}'
+                % (n, n, n) for n in range(2)]
+        sent[1] = sent[1].replace(b'"userId":"u1"', b'"userId":1')  # coerced: decoded in full
+        response = await relay.client.post(
+            "/v1/batch", content=b'{"batch":[' + b",".join(sent) + b"]}",
+            headers=basic(WRITE_KEY))
+        assert response.json()["accepted"] == 2
+        await relay.delivered()
+        rows = await relay.router.store.call(
+            lambda conn: conn.execute("SELECT origin FROM dead_letters ORDER BY id").fetchall())
+        origins = [json.loads(origin) for (origin,) in rows]
+        for client, origin in zip(sent, origins, strict=True):
+            expected = json.loads(client)
+            expected["userId"] = str(expected["userId"])
+            assert {k: v for k, v in origin.items() if k != "_time"} == expected
+            assert isinstance(origin["_time"], float)
 
     async def test_shared_context_counts_toward_each_item_and_is_stored_once(
         self, relay: Relay

@@ -8,12 +8,14 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from router import segment
+from router.customer import CustomerState, TurnContext, turn
 from router.errors import Rejected
 from router.journal import merge_shared, shared_part
+from router.mapping import EventPolicy, ExtrasCache, LimitExceeded, Schema
 from router.segment import Envelope, coerce_id, event_time, parse_time, validate
 
 NOW = 1_700_000_000.0
@@ -425,3 +427,131 @@ class TestContextKey:
     def test_no_context_no_key(self) -> None:
         for data in (b'{"type":"track"}', b'{"context":null}', b'{"context":{}}'):
             assert segment.context_key(data) is None
+
+
+# --- the lean decode ---------------------------------------------------------------------------
+
+_KEYS = st.text(st.sampled_from("ab.$_"), min_size=1, max_size=3)
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text("xy", max_size=2))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=2), st.dictionaries(_KEYS, inner, max_size=3)), max_leaves=6)
+_IDS = st.one_of(st.none(), st.sampled_from(["u1", "a1", "", " "]), st.integers(0, 3))
+_TIMES = st.one_of(st.none(), st.sampled_from(["2024-03-01T10:00:00Z", "bad", 1709287200]))
+_CONTEXTS = st.one_of(
+    st.none(), _VALUES,
+    st.fixed_dictionaries({}, optional={
+        "ip": st.just("10.0.0.1"), "os": st.fixed_dictionaries({"name": st.just("iOS")}),
+        "page": st.fixed_dictionaries({}, optional={"url": st.just("https://x.test/")}),
+        "traits": st.dictionaries(_KEYS, _SCALARS, max_size=2), "a.b": _VALUES}))
+# Every field the pipeline reads, each absent or of any JSON type, and one it does not.
+_WILD = {
+    "type": st.sampled_from(["track", "page", "screen", "identify", "group", "alias", "x", 1]),
+    "messageId": st.one_of(st.sampled_from(["m1", ""]), st.integers(0, 3), st.none()),
+    "userId": _IDS, "anonymousId": _IDS, "previousId": _IDS, "groupId": _IDS,
+    "event": st.one_of(st.sampled_from(["Viewed", " "]), _SCALARS),
+    "name": st.one_of(st.just("Home"), _SCALARS), "category": _SCALARS,
+    "timestamp": _TIMES, "originalTimestamp": _TIMES, "sentAt": _TIMES,
+    "properties": _VALUES, "traits": _VALUES, "context": _CONTEXTS, "integrations": _VALUES,
+    "channel": st.just("server"), "_time": st.just(1.0),
+}
+_VALID = st.one_of(
+    st.fixed_dictionaries({"type": st.sampled_from(["track", "page", "screen"]),
+                           "event": st.just("Viewed"), "userId": st.just("u1")}),
+    st.fixed_dictionaries({"type": st.sampled_from(["identify", "group"]),
+                           "anonymousId": st.just("a1"), "groupId": st.just("g1")}),
+    st.fixed_dictionaries({"type": st.just("alias"), "userId": st.just("u1"),
+                           "previousId": st.just("a1")}),
+)
+# Mostly valid messages with a string messageId (the ones the lean decode takes),
+# some fields replaced by anything at all.
+_MESSAGES = st.builds(
+    lambda valid, wild: {**valid, "messageId": "m1", **wild}, _VALID,
+    st.sets(st.sampled_from(sorted(_WILD)), max_size=3).flatmap(
+        lambda keys: st.fixed_dictionaries({key: _WILD[key] for key in keys})))
+
+
+def _validated(item: Any) -> dict[str, Any] | str:
+    try:
+        return validate(item, type_=None, received_at=1709287300.0,
+                        sent_at="2024-03-01T10:00:30Z")
+    except Rejected as exc:
+        return exc.code
+
+
+def _commands(message: dict[str, Any], context_key: int | None) -> list[Any] | str:
+    context = TurnContext("p", Schema(), EventPolicy(), 1200.0, 1709287300.0, ExtrasCache())
+    context.context_key = context_key
+    try:
+        return turn(CustomerState(1, "p"), message, context)
+    except LimitExceeded as exc:
+        return exc.code
+
+
+class TestDecodeLean:
+    """The lean decode must decide every item as the full one does."""
+
+    @given(_MESSAGES)
+    @settings(max_examples=300)
+    @example({"type": "track", "event": "e", "userId": "u", "messageId": "m",
+              "originalTimestamp": "2024-03-01T10:00:00Z"})
+    @example({"type": "page", "userId": "u", "messageId": "m", "context": {}})
+    def test_decides_as_the_full_decode(self, fields: dict[str, Any]) -> None:
+        data = msgspec.json.encode(fields)
+        lean = segment.decode_lean(data)
+        full = _validated(segment.decode_item(data))
+        if lean is None:
+            return
+        lean = _validated(lean)
+        if isinstance(full, str):
+            assert lean == full
+            return
+        assert not isinstance(lean, str)
+        # What the pipeline would keep of the message: the client's own fields.
+        assert msgspec.json.decode(segment.message_json(lean)) == full
+        assert lean[segment.TIME_KEY] == full[segment.TIME_KEY]
+        raw = lean["context"]
+        key = segment.raw_context_key(raw) if raw is not None else None
+        assert key == segment.context_key(data)
+        assert _commands(lean, key) == _commands(full, key)
+        assert _commands(lean, None) == _commands(full, None)
+
+    @pytest.mark.parametrize("data", [
+        b'{"type":"track","event":"e","userId":"u","messageId":"m","_time":1}',
+        b'{"type":"track","event":"e","userId":7,"messageId":"m"}',
+        b'{"type":"track","event":"e","userId":"u","messageId":7}',
+        b'{"type":"track","event":"e","userId":"u"}',
+        b'{"type":"track","event":"e","userId":"u","messageId":"m","context":[1]}',
+        b'{"type":"track","event":"e","userId":"u","messageId":"m","context":"x"}',
+        b'{"type":"track","event":"e","userId":"u","messageId":"m","properties":'
+        + b'{"a":' * 70 + b"1" + b"}" * 71,
+        b'[{"type":"track"}]',
+        b'{"type":"track",',
+    ])
+    def test_leaves_to_the_full_decode(self, data: bytes) -> None:
+        assert segment.decode_lean(data) is None
+
+    def test_keeps_the_context_as_bytes_until_read(self) -> None:
+        data = (b'{"type":"page","userId":"u","messageId":"m","channel":"web",'
+                b'"context":{"page":{"url":"https://x.test/"}}}')
+        message = segment.decode_lean(data)
+        assert message is not None
+        assert message["context"] == b'{"page":{"url":"https://x.test/"}}'
+        assert "channel" not in message  # skipped here, kept in the journal's bytes
+        validate(message, type_=None, received_at=1.0)
+        assert segment.message_json(message) == data[:-1] + b',"_time":1.0}'
+        assert segment.context_of(message) == {"page": {"url": "https://x.test/"}}
+        assert message["context"] == {"page": {"url": "https://x.test/"}}
+
+    def test_absent_sent_at_defers_to_the_batch_and_null_does_not(self) -> None:
+        base = b'"type":"track","event":"e","userId":"u","messageId":"m","originalTimestamp":'
+        stamp = b'"2024-03-01T10:00:00Z"'
+        absent = segment.decode_lean(b"{" + base + stamp + b"}")
+        null = segment.decode_lean(b"{" + base + stamp + b',"sentAt":null}')
+        assert absent is not None and null is not None
+        sent_at = "2024-03-01T10:00:30Z"
+        assert event_time(absent, 100.0, sent_at) == 70.0
+        assert event_time(null, 100.0, sent_at) == 100.0
+
+    def test_a_clients_bytes_named_like_the_raw_key_are_not_taken_for_them(self) -> None:
+        message = {"type": "track", segment.RAW_KEY: "not bytes", segment.TIME_KEY: 1.0}
+        assert msgspec.json.decode(segment.message_json(message)) == message
