@@ -148,16 +148,17 @@ class _Fields(msgspec.Struct):
     originalTimestamp: Any = None
     # Absent differs from null here: an absent one defers to the batch's sentAt.
     sentAt: Any = msgspec.UNSET
-    properties: Any = None
-    traits: Any = None
+    # Typed, so the decode itself refuses what ``validate`` would.
+    properties: dict[str, Any] | None = None
+    traits: dict[str, Any] | None = None
     context: msgspec.Raw = msgspec.Raw(b"null")
-    integrations: Any = None
+    integrations: dict[str, Any] | None = None
     writeKey: Any = None  # Segment's webhook destination sends one per message
+    _time: Any = msgspec.UNSET  # set by ``validate``; one sent by the client is replaced
 
 
 _fields_decoder = msgspec.json.Decoder(_Fields)
 _asdict = msgspec.structs.asdict
-_TIME_NAME = b'"' + TIME_KEY.encode() + b'"'
 # Where a message decoded by ``decode_lean`` keeps its own JSON bytes. A decoded
 # JSON value is never ``bytes``, so a client's key of the same name cannot pass
 # for it (see ``message_json``).
@@ -178,11 +179,13 @@ def decode_lean(data: bytes) -> dict[str, Any] | None:
     errors are the ones a client must see. Call ``check_size`` first.
     """
     # Fewer brackets than the depth limit cannot nest past it.
-    if data.count(b"{") + data.count(b"[") > MAX_DEPTH or _TIME_NAME in data:
+    if data.count(b"{") + data.count(b"[") > MAX_DEPTH:
         return None
     try:
         fields = _fields_decoder.decode(data)
     except (msgspec.DecodeError, RecursionError):
+        return None
+    if fields._time is not msgspec.UNSET:
         return None
     message_id = fields.messageId
     if type(message_id) is not str or not message_id:
@@ -331,13 +334,6 @@ def coerce_id(message: dict[str, Any], field: str, *, required: bool) -> str | N
     return value
 
 
-def _object_field(message: dict[str, Any], field: str) -> None:
-    value = message.get(field)
-    # Bytes are a context ``decode_lean`` found to be an object.
-    if value is not None and type(value) is not bytes and not isinstance(value, dict):
-        raise Rejected("invalid_field", f"{field} must be an object, got {type(value).__name__}")
-
-
 def validate(
     message: Any,
     *,
@@ -378,8 +374,13 @@ def validate(
             if value is not None and not isinstance(value, str):
                 raise Rejected("invalid_field", f"{field} must be a string")
 
-    for field in ("properties", "traits", "context", "integrations"):
-        _object_field(message, field)
+    for field in _OBJECT_FIELDS:
+        value = message.get(field)
+        # Bytes are a context ``decode_lean`` found to be an object.
+        if (value is not None and type(value) is not dict and type(value) is not bytes
+                and not isinstance(value, dict)):
+            raise Rejected("invalid_field",
+                           f"{field} must be an object, got {type(value).__name__}")
 
     message_id = message.get("messageId")
     if message_id is None or message_id == "":
@@ -400,6 +401,7 @@ def validate(
 
 
 _IDS = ("userId", "anonymousId", "previousId", "groupId")
+_OBJECT_FIELDS = ("properties", "traits", "context", "integrations")
 
 
 def validation_adds_only_time(item: Any) -> bool:
