@@ -83,6 +83,13 @@ class Result:
     errors: tuple[str, ...] = ()
 
 
+OK = Result("ok")
+_RETRY = Result("retry")
+# The legacy answer for an accepted command, as decoded: when every item is
+# exactly this, one C-level count reads the whole answer.
+_LEGACY_OK = {"status": "ok"}
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """What a whole HTTP answer means.
@@ -189,13 +196,15 @@ class Legacy:
             assert isinstance(raw, list)
         except Exception:
             return Verdict(retry=True, reason="unreadable answer from Infinario")
+        if raw.count(_LEGACY_OK) == len(raw):
+            return Verdict(results=_fill([OK] * len(raw), count))
         results = []
         for item in raw:
             status_text = item.get("status") if isinstance(item, dict) else None
             if status_text == "ok":
-                results.append(Result("ok"))
+                results.append(OK)
             elif status_text == "retry":
-                results.append(Result("retry"))
+                results.append(_RETRY)
             else:
                 errors = _errors(item.get("errors") if isinstance(item, dict) else item)
                 results.append(Result("error", errors or (f"status {status_text!r}",)))
@@ -259,7 +268,7 @@ class V2:
         results = []
         for item in data["results"]:
             if isinstance(item, dict) and item.get("success") is True:
-                results.append(Result("ok"))
+                results.append(OK)
             else:
                 errors = _errors(item.get("errors") if isinstance(item, dict) else item)
                 results.append(Result("error", errors or ("success: false",)))

@@ -69,6 +69,20 @@ class TestLegacyVerdicts:
         assert [r.outcome for r in verdict.results] == ["ok", "retry", "error", "retry"]
         assert verdict.results[2].errors == ("bad",)
 
+    def test_all_ok_answers_and_ok_items_with_more_keys(self) -> None:
+        for answer, count, outcomes in [
+            (b'{"results": [{"status": "ok"}, {"status": "ok"}]}', 2, ["ok", "ok"]),
+            (b'{"results": [{"status": "ok"}]}', 3, ["ok", "retry", "retry"]),
+            (b'{"results": [{"status": "ok"}, {"status": "ok"}]}', 1, ["ok"]),
+            (b'{"results": [{"status": "ok", "errors": []}, {"status": "ok"}]}', 2,
+             ["ok", "ok"]),
+            (b'{"results": [{"status": "ok"}, {"status": "OK"}]}', 2, ["ok", "error"]),
+            (b'{"results": []}', 1, ["retry"]),
+        ]:
+            verdict = Legacy().verdict(200, answer, count, None)
+            assert verdict.results is not None
+            assert [r.outcome for r in verdict.results] == outcomes, answer
+
     def test_server_errors_and_429_retry_with_retry_after(self) -> None:
         assert Legacy().verdict(500, b"", 1, None).retry
         verdict = Legacy().verdict(429, b"", 1, "7")
