@@ -44,9 +44,9 @@ __all__ = [
 
 _decode = msgspec.json.Decoder().decode
 
-# A call's context: decoded, or still the JSON bytes intake left it as
+# A call's context: decoded, or still the JSON intake left it as
 # (``segment.decode_lean``).
-Context = Mapping[str, Any] | bytes | None
+Context = Mapping[str, Any] | msgspec.Raw | None
 
 # ``traits`` are the customer's properties, not the event's, and
 # ``integrations`` is Segment's routing switchboard: neither describes the event.
@@ -153,10 +153,10 @@ def context_extras(context: Context) -> tuple[dict[str, Any], int]:
 
     Unpacked one level and sanitized like event properties, so ``os.name``
     becomes ``os_name`` and ``page.url`` becomes ``page_url``. The dict is
-    always new, never ``context`` itself. ``context`` may still be the JSON bytes
+    always new, never ``context`` itself. ``context`` may still be the JSON
     intake left it as (``segment.decode_lean``).
     """
-    if type(context) is bytes:
+    if type(context) is msgspec.Raw:
         context = _decode(context)
     if type(context) is not dict and not isinstance(context, Mapping):
         return {}, 0

@@ -159,6 +159,7 @@ class _Fields(msgspec.Struct):
 
 _fields_decoder = msgspec.json.Decoder(_Fields)
 _asdict = msgspec.structs.asdict
+_OPEN_BRACE = ord("{")
 # Where a message decoded by ``decode_lean`` keeps its own JSON bytes. A decoded
 # JSON value is never ``bytes``, so a client's key of the same name cannot pass
 # for it (see ``message_json``).
@@ -170,8 +171,9 @@ def decode_lean(data: bytes) -> dict[str, Any] | None:
 
     Most of a message's objects are its context, which the relay reads only when
     it has not seen that context before (``mapping.ExtrasCache``). Leaving it as
-    JSON bytes (``context_of`` decodes it on demand; a null or empty one is None)
-    halves the objects each message costs to build, walk and free.
+    JSON (a ``msgspec.Raw``, which ``context_of`` decodes on demand; a null or
+    empty one is None) halves the memory each message costs to build, walk and
+    free.
 
     Only for an item ``validate`` will leave as it is but for its time (see
     ``validation_adds_only_time``), that cannot nest past ``MAX_DEPTH`` and whose
@@ -193,26 +195,28 @@ def decode_lean(data: bytes) -> dict[str, Any] | None:
     for value in (fields.userId, fields.anonymousId, fields.previousId, fields.groupId):
         if value is not None and type(value) is not str:
             return None
-    context = bytes(fields.context)
-    if not (context[:1] == b"{" or context == b"null"):
+    context = fields.context
+    size = len(context)
+    if memoryview(context)[0] != _OPEN_BRACE and not (size == 4 and bytes(context) == b"null"):
         return None
     message = _asdict(fields)
     if fields.sentAt is msgspec.UNSET:
         del message["sentAt"]
-    message["context"] = context if len(context) > 4 else None
+    # The Raw is a view into ``data``, which the message keeps anyway: no copy.
+    message["context"] = context if size > 4 else None
     message[RAW_KEY] = data
     return message
 
 
 def context_of(message: dict[str, Any]) -> Any:
-    """The message's ``context``, decoded if ``decode_lean`` left it as JSON bytes."""
+    """The message's ``context``, decoded if ``decode_lean`` left it as JSON."""
     context = message.get("context")
-    if type(context) is bytes:
+    if type(context) is msgspec.Raw:
         context = message["context"] = _decoder.decode(context)
     return context
 
 
-def raw_context_key(raw: bytes | msgspec.Raw) -> int | None:
+def raw_context_key(raw: msgspec.Raw) -> int | None:
     """``context_key`` of a context's JSON bytes: None for null or ``{}``."""
     return hash(bytes(raw)) if len(raw) > 4 else None
 
@@ -376,8 +380,8 @@ def validate(
 
     for field in _OBJECT_FIELDS:
         value = message.get(field)
-        # Bytes are a context ``decode_lean`` found to be an object.
-        if (value is not None and type(value) is not dict and type(value) is not bytes
+        # A Raw is a context ``decode_lean`` found to be an object.
+        if (value is not None and type(value) is not dict and type(value) is not msgspec.Raw
                 and not isinstance(value, dict)):
             raise Rejected("invalid_field",
                            f"{field} must be an object, got {type(value).__name__}")
