@@ -64,6 +64,8 @@ SLICE = 256  # messages turned between checkpoints: no round stalls the event lo
 RECOVER_ROWS = 64
 _json_encode = msgspec.json.Encoder().encode
 _NO_CONTEXTS: tuple[int | None, ...] = ()
+# What a round leaves in a request's place for each message it has turned.
+_TURNED: dict[str, Any] = {}
 
 
 class SessionTimers:
@@ -340,7 +342,8 @@ class Partition:
                     round_.messages += len(batch.messages)
                 project = self.write_keys.get(batch.write_key)
                 contexts = batch.contexts or _NO_CONTEXTS
-                for index, message in enumerate(batch.messages):
+                messages = batch.messages
+                for index, message in enumerate(messages):
                     context_key = contexts[index] if contexts else None
                     try:
                         self._handle(batch.write_key, project, message, round_, now,
@@ -353,6 +356,9 @@ class Partition:
                         self._handle(batch.write_key, project, message, round_, now,
                                      context_key)
                     turned += 1
+                    # Dropped once turned: its objects are freed now, while still in
+                    # the CPU's caches, not all together when the round is over.
+                    messages[index] = _TURNED
                     if turned % SLICE == 0:
                         await trio.lowlevel.checkpoint()
             for key in due:
