@@ -89,6 +89,11 @@ def open_connection(path: Path, *, timeout: float = 5.0) -> sqlite3.Connection:
     # FULL: a commit is on disk before intake answers 200, even across power loss.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=OFF")
+    # A statement that rewrites pages this transaction already wrote (an outbox
+    # row on the pages the retired journal rows just freed) saves their old
+    # contents in a statement journal; past 64 KiB that spills to a temporary
+    # file, created, written and deleted for every round. In memory it is a copy.
+    conn.execute("PRAGMA temp_store=MEMORY")
     # 16 MiB: the page cache counts against RSS, and a backlog must not grow it much.
     conn.execute("PRAGMA cache_size=-16384")
     # Journal and outbox rows live for seconds: a 40 MiB WAL (default 4 MiB)
