@@ -127,7 +127,7 @@ def decode_item(raw: bytes | msgspec.Raw) -> Any:
 
 
 class _Fields(msgspec.Struct):
-    """The message fields the pipeline reads, with the context left as JSON bytes.
+    """The message fields the pipeline reads, with the context left as JSON.
 
     Field names are the JSON keys, so ``asdict`` gives the message dict the rest
     of the pipeline takes; an absent field is None there, as ``message.get``
@@ -154,7 +154,8 @@ class _Fields(msgspec.Struct):
     context: msgspec.Raw = msgspec.Raw(b"null")
     integrations: dict[str, Any] | None = None
     writeKey: Any = None  # Segment's webhook destination sends one per message
-    _time: Any = msgspec.UNSET  # set by ``validate``; one sent by the client is replaced
+    # Set by ``validate``. A client's own ``_time`` sends the item to the full decode.
+    _time: Any = msgspec.UNSET
 
 
 _fields_decoder = msgspec.json.Decoder(_Fields)
