@@ -223,7 +223,7 @@ class TestBatchEndpoints:
         assert all("_time" in m for m in messages)
         without_time = [{k: v for k, v in json.loads(segment.message_json(m)).items()
                          if k != "_time"} for m in messages]
-        # The first is decoded lean: the fields the pipeline reads, its context still bytes.
+        # The first is decoded lean: the fields the pipeline reads, absent ones as None.
         assert messages[0]["event"] == "e" and messages[0]["previousId"] is None
         assert first == as_sent  # the client's own bytes
         assert json.loads(first) == without_time[0]
