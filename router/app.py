@@ -104,7 +104,7 @@ class Router:
         return self.state is State.RUNNING
 
     async def accept(
-        self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[bytes],
+        self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[segment.Item],
         shared: bytes | None = None, contexts: Sequence[int | None] | None = None,
     ) -> Accepted:
         """Journal validated messages as one request; return once they are on disk.
@@ -127,7 +127,7 @@ class Router:
                 self.progress.fire()  # a stopping relay waits for this moment
 
     async def _accept(
-        self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[bytes],
+        self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[segment.Item],
         shared: bytes | None, contexts: Sequence[int | None] | None, count: int,
     ) -> Accepted:
         if self.spool.full or self._disk_full():

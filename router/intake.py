@@ -64,7 +64,7 @@ class Validated:
     in the request, and the rejects (index, code, message)."""
 
     messages: list[dict[str, Any]] = field(default_factory=list)
-    items: list[bytes] = field(default_factory=list)
+    items: list[segment.Item] = field(default_factory=list)
     indexes: list[int] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     # Each message's ``segment.context_key``, under which its extras are
@@ -85,7 +85,7 @@ class Pipeline(Protocol):
     def accepting(self) -> bool: ...
 
     async def accept(
-        self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[bytes],
+        self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[segment.Item],
         shared: bytes | None = None, contexts: Sequence[int | None] | None = None,
     ) -> Accepted: ...
 
@@ -248,19 +248,21 @@ class Intake:
         shared_size = len(shared_bytes) if shared_bytes else 0
         for index, raw in enumerate(raws):
             try:
-                data = bytes(raw)  # one copy, for decoding and for the journal
-                segment.check_size(data)
+                segment.check_size(raw)
                 # A shared part is merged into each message, so those get the full decode.
-                item = None if shared else segment.decode_lean(data)
+                # The lean one reads the item where it lies in the request body: its
+                # message and journal row keep that view, not a copy.
+                item = None if shared else segment.decode_lean(raw)
                 if item is not None:
                     message = segment.validate(
                         item, type_=None, received_at=received_at, sent_at=sent_at)
-                    stored = data
+                    stored = raw
                     context = message["context"]
                     context_key = (segment.raw_context_key(context)
                                    if context is not None and message["type"] in USES_EXTRAS
                                    else None)
                 else:
+                    data = bytes(raw)
                     item = segment.decode_item(data)
                     as_sent = segment.validation_adds_only_time(item)
                     message = segment.validate(
@@ -348,12 +350,12 @@ class Intake:
 
     def _by_write_key(
         self, valid: Validated, header_key: str | None,
-    ) -> tuple[dict[str, tuple[list[dict[str, Any]], list[bytes]]], list[dict[str, Any]]]:
+    ) -> tuple[dict[str, tuple[list[dict[str, Any]], list[segment.Item]]], list[dict[str, Any]]]:
         """Valid messages grouped by write key (a message's own ``writeKey``, else the
         Basic auth one) and the rejects of those with no known key."""
         project_for = self.pipeline.project_for
         fallback = header_key if header_key and project_for(header_key) is not None else None
-        groups: dict[str, tuple[list[dict[str, Any]], list[bytes]]] = {}
+        groups: dict[str, tuple[list[dict[str, Any]], list[segment.Item]]] = {}
         rejects: list[dict[str, Any]] = []
         for message, item, index in zip(valid.messages, valid.items, valid.indexes,
                                         strict=True):

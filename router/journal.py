@@ -71,7 +71,7 @@ def shared_part(context: dict[str, Any] | None,
     return shared or None
 
 
-def encode_row(items: Sequence[bytes], shared: bytes | None = None,
+def encode_row(items: Sequence[segment.Item], shared: bytes | None = None,
                times: Sequence[float] | None = None) -> bytes:
     """A journal row's body: the shared part once, the items' event times, then each
     item's own bytes (``segment.item_bytes``)."""

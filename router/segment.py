@@ -11,13 +11,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 import msgspec
 
 from .errors import Rejected
 
-MESSAGE_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
+MessageType = Literal["identify", "track", "page", "screen", "group", "alias"]
+MESSAGE_TYPES = frozenset(get_args(MessageType))
 MAX_MESSAGE_BYTES = 32 * 1024
 MAX_REQUEST_BYTES = 500 * 1024
 MAX_BATCH_MESSAGES = 2500
@@ -139,7 +140,9 @@ class _Fields(msgspec.Struct):
     the message's bytes.
     """
 
-    type: Any = None
+    # A Literal decodes to one shared str per type, not a new one per message; any
+    # other value fails the decode, and the full decode's validation says why.
+    type: MessageType | None = None
     messageId: Any = None
     userId: Any = None
     anonymousId: Any = None
@@ -165,13 +168,16 @@ class _Fields(msgspec.Struct):
 _fields_decoder = msgspec.json.Decoder(_Fields)
 _asdict = msgspec.structs.asdict
 _OPEN_BRACE = ord("{")
-# Where a message decoded by ``decode_lean`` keeps its own JSON bytes. A decoded
-# JSON value is never ``bytes``, so a client's key of the same name cannot pass
-# for it (see ``message_json``).
+# Where a message decoded by ``decode_lean`` keeps its own JSON (an ``Item``). A
+# decoded JSON value is never ``bytes`` or ``msgspec.Raw``, so a client's key of
+# the same name cannot pass for it (see ``message_json``).
 RAW_KEY = "_raw"
+# A batch item's JSON: a view into its request body (``msgspec.Raw``, no copy) or
+# bytes of its own. The journal and the lean decode take either.
+Item = bytes | msgspec.Raw
 
 
-def decode_lean(data: bytes) -> dict[str, Any] | None:
+def decode_lean(data: Item) -> dict[str, Any] | None:
     """A batch item as the pipeline needs it, or None when the full decode must do.
 
     Most of a message's objects are its context, which the relay reads only when
@@ -185,7 +191,9 @@ def decode_lean(data: bytes) -> dict[str, Any] | None:
     context is an object or null; any other item gets ``decode_item``, whose
     errors are the ones a client must see. Call ``check_size`` first.
     """
-    if _may_be_too_deep(data):
+    # Counting needs bytes. A copy of a view is freed at once, so the next item's
+    # copy reuses memory still in the CPU's caches; the message keeps the view.
+    if _may_be_too_deep(data if type(data) is bytes else bytes(data)):
         return None
     try:
         fields = _fields_decoder.decode(data)
@@ -225,7 +233,7 @@ def message_json(message: dict[str, Any]) -> bytes:
     """The validated message as JSON, ``_time`` included: a lean one from the bytes its
     client sent, others encoded."""
     raw = message.get(RAW_KEY)
-    if type(raw) is bytes:
+    if type(raw) is bytes or type(raw) is msgspec.Raw:
         return with_time(raw, message[TIME_KEY])
     return _encoder.encode(message)
 
@@ -447,6 +455,8 @@ def item_bytes(message: dict[str, Any]) -> bytes:
 _TIME_MEMBER = b',"' + TIME_KEY.encode() + b'":'
 
 
-def with_time(raw: bytes, at: float) -> bytes:
+def with_time(raw: Item, at: float) -> bytes:
     """An item's bytes (see ``item_bytes``) with ``"_time": at`` added as its last key."""
+    if type(raw) is not bytes:
+        raw = bytes(raw)
     return b"".join((raw[:raw.rindex(b"}")], _TIME_MEMBER, repr(at).encode(), b"}"))

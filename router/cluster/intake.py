@@ -25,7 +25,7 @@ from coredis.exceptions import RedisError
 
 from ..intake import Accepted, Overloaded
 from ..metrics import Metrics
-from ..segment import TIME_KEY, with_time
+from ..segment import TIME_KEY, Item, with_time
 from .keys import Keys
 from .route import REFUSED, Call, Route
 
@@ -49,7 +49,7 @@ class ClusterIntake:
         self.unavailable: str | None = None  # why the last request could not reach Redis
 
     async def accept(
-        self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[bytes],
+        self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[Item],
         shared: bytes | None, now: float,
     ) -> Accepted:
         keys = self._keys[self.write_keys[write_key]]

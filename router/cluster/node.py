@@ -27,6 +27,7 @@ from ..errors import ConfigError, StartupError
 from ..intake import Accepted, Overloaded
 from ..mapping import EventPolicy, Limits
 from ..metrics import Metrics
+from ..segment import Item
 from ..sender import TokenBucket
 from ..server import serve as serve_http
 from ..spool import Spool
@@ -69,7 +70,7 @@ class ClusterRouter:
         return self.running
 
     async def accept(
-        self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[bytes],
+        self, write_key: str, messages: Sequence[dict[str, Any]], items: Sequence[Item],
         shared: bytes | None = None, contexts: Sequence[int | None] | None = None,
     ) -> Accepted:
         if not messages:
