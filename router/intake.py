@@ -254,10 +254,10 @@ class Intake:
                 # message and journal row keep that view, not a copy.
                 item = None if shared else segment.decode_lean(raw)
                 if item is not None:
-                    message = segment.validate(
-                        item, type_=None, received_at=received_at, sent_at=sent_at)
+                    message = segment.validate(item, type_=None, received_at=received_at,
+                                               sent_at=sent_at, lean=True)
                     stored = raw
-                    context = message["context"]
+                    context = message.get("context")
                     context_key = (segment.raw_context_key(context)
                                    if context is not None and message["type"] in USES_EXTRAS
                                    else None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypedDict, get_args
 
 import msgspec
 
@@ -131,42 +131,39 @@ def decode_item(raw: bytes | msgspec.Raw) -> Any:
 # --- the lean decode: what the pipeline reads, nothing else ------------------------------------
 
 
-class _Fields(msgspec.Struct):
+class _Fields(TypedDict, total=False):
     """The message fields the pipeline reads, with the context left as JSON.
 
-    Field names are the JSON keys, so ``asdict`` gives the message dict the rest
-    of the pipeline takes; an absent field is None there, as ``message.get``
-    would give (but for ``sentAt``). Other keys are skipped: the journal keeps
-    the message's bytes.
+    Decoded straight into the message dict the rest of the pipeline takes, with
+    only the keys the client sent, as the full decode gives them. Other keys are
+    skipped: the journal keeps the message's bytes.
     """
 
     # A Literal decodes to one shared str per type, not a new one per message; any
     # other value fails the decode, and the full decode's validation says why.
-    type: MessageType | None = None
-    messageId: Any = None
-    userId: Any = None
-    anonymousId: Any = None
-    previousId: Any = None
-    groupId: Any = None
-    event: Any = None
-    name: Any = None
-    category: Any = None
-    timestamp: Any = None
-    originalTimestamp: Any = None
-    # Absent differs from null here: an absent one defers to the batch's sentAt.
-    sentAt: Any = msgspec.UNSET
+    type: MessageType | None
+    messageId: Any
+    userId: Any
+    anonymousId: Any
+    previousId: Any
+    groupId: Any
+    event: Any
+    name: Any
+    category: Any
+    timestamp: Any
+    originalTimestamp: Any
+    sentAt: Any
     # Typed, so the decode itself refuses what ``validate`` would.
-    properties: dict[str, Any] | None = None
-    traits: dict[str, Any] | None = None
-    context: msgspec.Raw = msgspec.Raw(b"null")
-    integrations: dict[str, Any] | None = None
-    writeKey: Any = None  # Segment's webhook destination sends one per message
+    properties: dict[str, Any] | None
+    traits: dict[str, Any] | None
+    context: msgspec.Raw
+    integrations: dict[str, Any] | None
+    writeKey: Any  # Segment's webhook destination sends one per message
     # Set by ``validate``. A client's own ``_time`` sends the item to the full decode.
-    _time: Any = msgspec.UNSET
+    _time: Any
 
 
 _fields_decoder = msgspec.json.Decoder(_Fields)
-_asdict = msgspec.structs.asdict
 _OPEN_BRACE = ord("{")
 # Where a message decoded by ``decode_lean`` keeps its own JSON (an ``Item``). A
 # decoded JSON value is never ``bytes`` or ``msgspec.Raw``, so a client's key of
@@ -196,22 +193,24 @@ def decode_lean(data: Item) -> dict[str, Any] | None:
     if _may_be_too_deep(data if type(data) is bytes else bytes(data)):
         return None
     try:
-        fields = _fields_decoder.decode(data)
+        message: dict[str, Any] = _fields_decoder.decode(data)  # type: ignore[assignment]
     except (msgspec.DecodeError, RecursionError):
         return None
-    if fields._time is not msgspec.UNSET or not _ids_as_sent(
-            fields.messageId, (fields.userId, fields.anonymousId, fields.previousId,
-                               fields.groupId)):
+    get = message.get
+    if TIME_KEY in message or not _ids_as_sent(
+            get("messageId"), (get("userId"), get("anonymousId"), get("previousId"),
+                               get("groupId"))):
         return None
-    context = fields.context
-    size = len(context)
-    if memoryview(context)[0] != _OPEN_BRACE and not (size == 4 and bytes(context) == b"null"):
-        return None
-    message = _asdict(fields)
-    if fields.sentAt is msgspec.UNSET:
-        del message["sentAt"]
-    # The Raw is a view into ``data``, which the message keeps anyway: no copy.
-    message["context"] = context if size > 4 else None
+    context = get("context")
+    if context is not None:
+        # The Raw is a view into ``data``, which the message keeps anyway: no copy.
+        if len(context) > 4:
+            if memoryview(context)[0] != _OPEN_BRACE:
+                return None
+        elif bytes(context) == b"null" or memoryview(context)[0] == _OPEN_BRACE:
+            message["context"] = None  # null or {}: no extras
+        else:
+            return None
     message[RAW_KEY] = data
     return message
 
@@ -352,8 +351,13 @@ def validate(
     type_: str | None,
     received_at: float,
     sent_at: Any = None,
+    lean: bool = False,
 ) -> dict[str, Any]:
-    """Check and normalise one message in place; raise ``Rejected`` with a reason."""
+    """Check and normalise one message in place; raise ``Rejected`` with a reason.
+
+    ``lean``: the message comes from ``decode_lean``, whose types already hold its
+    object fields to objects and its ``messageId`` to a non-empty string.
+    """
     if not isinstance(message, dict):
         raise Rejected("invalid_message", "message must be a JSON object")
     kind = message.get("type") if type_ is None else type_
@@ -386,27 +390,28 @@ def validate(
             if value is not None and not isinstance(value, str):
                 raise Rejected("invalid_field", f"{field} must be a string")
 
-    for field in _OBJECT_FIELDS:
-        value = message.get(field)
-        # A Raw is a context ``decode_lean`` found to be an object.
-        if (value is not None and type(value) is not dict and type(value) is not msgspec.Raw
-                and not isinstance(value, dict)):
-            raise Rejected("invalid_field",
-                           f"{field} must be an object, got {type(value).__name__}")
-
-    message_id = message.get("messageId")
-    if message_id is None or message_id == "":
-        message["messageId"] = str(uuid.uuid4())
+    if lean:
+        message_id = message["messageId"]
     else:
-        if isinstance(message_id, _NUMBERS) and not isinstance(message_id, bool):
+        for field in _OBJECT_FIELDS:
+            value = message.get(field)
+            # A Raw is a context ``decode_lean`` found to be an object.
+            if (value is not None and type(value) is not dict
+                    and type(value) is not msgspec.Raw and not isinstance(value, dict)):
+                raise Rejected("invalid_field",
+                               f"{field} must be an object, got {type(value).__name__}")
+        message_id = message.get("messageId")
+        if message_id is None or message_id == "":
+            message_id = message["messageId"] = str(uuid.uuid4())
+        elif isinstance(message_id, _NUMBERS) and not isinstance(message_id, bool):
             message_id = message["messageId"] = str(message_id)
-        if not isinstance(message_id, str):
+        elif not isinstance(message_id, str):
             raise Rejected("invalid_message_id", "messageId must be a string")
-        if len(message_id) > MAX_MESSAGE_ID:
-            raise Rejected(
-                "invalid_message_id",
-                f"messageId is {len(message_id)} characters; the limit is {MAX_MESSAGE_ID}",
-            )
+    if len(message_id) > MAX_MESSAGE_ID:
+        raise Rejected(
+            "invalid_message_id",
+            f"messageId is {len(message_id)} characters; the limit is {MAX_MESSAGE_ID}",
+        )
 
     message[TIME_KEY] = event_time(message, received_at, sent_at)
     return message

@@ -226,8 +226,8 @@ class TestBatchEndpoints:
         assert all("_time" in m for m in messages)
         without_time = [{k: v for k, v in json.loads(segment.message_json(m)).items()
                          if k != "_time"} for m in messages]
-        # The first is decoded lean: the fields the pipeline reads, absent ones as None.
-        assert messages[0]["event"] == "e" and messages[0]["previousId"] is None
+        # The first is decoded lean: the fields the pipeline reads, as the client sent them.
+        assert messages[0]["event"] == "e" and "previousId" not in messages[0]
         assert first == as_sent  # the client's own bytes
         assert json.loads(first) == without_time[0]
         assert messages[1]["userId"] == "2"  # coerced: encoded anew
