@@ -355,7 +355,7 @@ def validate(
 ) -> dict[str, Any]:
     """Check and normalise one message in place; raise ``Rejected`` with a reason.
 
-    ``lean``: the message comes from ``decode_lean``, whose types already hold its
+    ``lean``: the message comes from ``decode_lean``, which has already held its
     object fields to objects and its ``messageId`` to a non-empty string.
     """
     if not isinstance(message, dict):
