@@ -294,14 +294,17 @@ class TestBatchEndpoints:
     async def test_unusable_items_are_rejected_alone(self, relay: Relay) -> None:
         content = (b'{"batch": [{"userId": "u1", "event": "x"}, %s, "not an object",'
                    b' {"type": "track", "userId": 1e999, "event": "x"},'
-                   b' {"type": "bogus", "userId": "u1"}]}' % json.dumps(track(2)).encode())
+                   b' {"type": "bogus", "userId": "u1"},'
+                   b' {"type": "Track", "userId": "u1", "event": "x", "messageId": "m5"}]}'
+                   % json.dumps(track(2)).encode())
         response = await relay.client.post("/v1/batch", content=content,
                                            headers=basic(WRITE_KEY))
         assert response.status_code == 200
         result = response.json()
         assert result["accepted"] == 1
         assert [(r["index"], r["code"]) for r in result["rejected"]] == [
-            (0, "invalid_type"), (2, "invalid_message"), (3, "invalid_json"), (4, "invalid_type")]
+            (0, "invalid_type"), (2, "invalid_message"), (3, "invalid_json"), (4, "invalid_type"),
+            (5, "invalid_type")]
         assert [e["customer_ids"] for e in await relay.events()] == [{"registered": "u2"}]
 
 

@@ -522,6 +522,8 @@ class TestDecodeLean:
         b'{"type":"track","event":"e","userId":"u"}',
         b'{"type":"track","event":"e","userId":"u","messageId":"m","context":[1]}',
         b'{"type":"track","event":"e","userId":"u","messageId":"m","context":"x"}',
+        b'{"type":"Track","event":"e","userId":"u","messageId":"m"}',
+        b'{"type":["track"],"event":"e","userId":"u","messageId":"m"}',
         b'{"type":"track","event":"e","userId":"u","messageId":"m","properties":'
         + b'{"a":' * 70 + b"1" + b"}" * 71,
         b'[{"type":"track"}]',
