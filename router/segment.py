@@ -27,6 +27,10 @@ MAX_MESSAGE_ID = 100
 # keeps a pathological message from failing later, when it is encoded or replayed.
 MAX_DEPTH = 64
 
+# A batch item's JSON: a view into its request body (``msgspec.Raw``, no copy) or
+# bytes of its own. The journal and the lean decode take either.
+Item = bytes | msgspec.Raw
+
 TIME_KEY = "_time"
 MIN_TIME = datetime(1, 1, 1, tzinfo=UTC).timestamp()
 MAX_TIME = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
@@ -118,7 +122,7 @@ def decode_envelope(body: bytes) -> Envelope:
     return envelope
 
 
-def decode_item(raw: bytes | msgspec.Raw) -> Any:
+def decode_item(raw: Item) -> Any:
     """One batch item; its size limit is checked on its own encoded bytes.
 
     ``bytes`` are used as they are (no copy), so a caller that needs the item's
@@ -169,9 +173,6 @@ _OPEN_BRACE = ord("{")
 # decoded JSON value is never ``bytes`` or ``msgspec.Raw``, so a client's key of
 # the same name cannot pass for it (see ``message_json``).
 RAW_KEY = "_raw"
-# A batch item's JSON: a view into its request body (``msgspec.Raw``, no copy) or
-# bytes of its own. The journal and the lean decode take either.
-Item = bytes | msgspec.Raw
 
 
 def decode_lean(data: Item) -> dict[str, Any] | None:
@@ -204,10 +205,11 @@ def decode_lean(data: Item) -> dict[str, Any] | None:
     context = get("context")
     if context is not None:
         # The Raw is a view into ``data``, which the message keeps anyway: no copy.
+        is_object = memoryview(context)[0] == _OPEN_BRACE
         if len(context) > 4:
-            if memoryview(context)[0] != _OPEN_BRACE:
+            if not is_object:
                 return None
-        elif bytes(context) == b"null" or memoryview(context)[0] == _OPEN_BRACE:
+        elif is_object or bytes(context) == b"null":
             message["context"] = None  # null or {}: no extras
         else:
             return None
@@ -256,7 +258,7 @@ def context_key(data: bytes) -> int | None:
     return raw_context_key(_context_probe.decode(data).context)
 
 
-def check_size(data: bytes | msgspec.Raw, what: str = "") -> None:
+def check_size(data: Item, what: str = "") -> None:
     """Refuse a message whose bytes exceed ``MAX_MESSAGE_BYTES``."""
     if len(data) > MAX_MESSAGE_BYTES:
         detail = f" {what}" if what else ""
@@ -395,9 +397,7 @@ def validate(
     else:
         for field in _OBJECT_FIELDS:
             value = message.get(field)
-            # A Raw is a context ``decode_lean`` found to be an object.
-            if (value is not None and type(value) is not dict
-                    and type(value) is not msgspec.Raw and not isinstance(value, dict)):
+            if value is not None and type(value) is not dict and not isinstance(value, dict):
                 raise Rejected("invalid_field",
                                f"{field} must be an object, got {type(value).__name__}")
         message_id = message.get("messageId")
