@@ -364,7 +364,8 @@ class Schema:
                 )
             known = self._types[event_type] = set()
             self._new.append(("type", event_type, ""))
-        if props.keys() <= known:
+        # ``issuperset`` takes the dict as it is, in C: cheaper than a keys view's ``<=``.
+        if known.issuperset(props):
             return props, []
         kept, dropped = self._admit(known, self._limits.event_keys, props, "event_key", event_type)
         if dropped:
@@ -378,7 +379,7 @@ class Schema:
         """Keep the customer props whose keys are known or still fit under the
         limit; same contract as :meth:`admit_event` minus the type check."""
         known = self._customer_keys
-        if props.keys() <= known:
+        if known.issuperset(props):
             return props, []
         kept, dropped = self._admit(known, self._limits.customer_keys, props, "customer_key", "")
         if dropped:
