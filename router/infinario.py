@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 import msgspec
 
 from .commands import Command
+from .concat import join_wrapped
 
 MAX_COMMANDS = 50
 
@@ -72,7 +73,7 @@ _wire_decoder = msgspec.json.Decoder(_Wire)
 
 def join_body(commands: Sequence[bytes]) -> bytes:
     """A request body from its commands' wire bytes (both dialects share the envelope)."""
-    return b'{"commands":[' + b",".join(commands) + b"]}"
+    return join_wrapped(b'{"commands":[', commands, b"]}")
 
 
 @dataclass(frozen=True, slots=True)

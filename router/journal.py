@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 
 from . import segment
+from .concat import join_wrapped
 from .failpoints import crash_point
 
 GENERATIONS = 8  # slices per window: memory holds at most 1/8 of a window beyond it
@@ -78,7 +79,7 @@ def encode_row(items: Sequence[segment.Item], shared: bytes | None = None,
     head = b'{"shared":' + shared + b',' if shared else b'{'
     if times is not None:
         head += b'"times":' + _encode(times) + b','
-    return head + b'"items":[' + b",".join(items) + b"]}"
+    return join_wrapped(head + b'"items":[', items, b"]}")
 
 
 def decode_row(body: bytes) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -26,6 +26,7 @@ import msgspec
 
 from . import store as st
 from .commands import decode_command
+from .concat import join_wrapped
 from .failpoints import crash_point
 from .infinario import MAX_COMMANDS, Dialect
 
@@ -53,9 +54,9 @@ class OutboxRow:
         self.remaining = self.final.count(0)
 
 
-def encode_body(commands: Iterable[bytes]) -> bytes:
+def encode_body(commands: Sequence[bytes]) -> bytes:
     """A row's body from its commands' wire bytes."""
-    return b"[" + b",".join(commands) + b"]"
+    return join_wrapped(b"[", commands, b"]")
 
 
 def decode_body(body: bytes) -> list[bytes]:

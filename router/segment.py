@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal, TypedDict, get_args
+from typing import Annotated, Any, Literal, TypedDict, get_args
 
 import msgspec
 
@@ -135,6 +135,9 @@ def decode_item(raw: Item) -> Any:
 # --- the lean decode: what the pipeline reads, nothing else ------------------------------------
 
 
+_MessageId = Annotated[str, msgspec.Meta(min_length=1)]
+
+
 class _Fields(TypedDict, total=False):
     """The message fields the pipeline reads, with the context left as JSON.
 
@@ -146,11 +149,13 @@ class _Fields(TypedDict, total=False):
     # A Literal decodes to one shared str per type, not a new one per message; any
     # other value fails the decode, and the full decode's validation says why.
     type: MessageType | None
-    messageId: Any
-    userId: Any
-    anonymousId: Any
-    previousId: Any
-    groupId: Any
+    # Strings, as ``validate`` keeps them: a number, a null or an empty messageId
+    # fails the decode, and the full decode's validation converts or refuses it.
+    messageId: _MessageId
+    userId: str | None
+    anonymousId: str | None
+    previousId: str | None
+    groupId: str | None
     event: Any
     name: Any
     category: Any
@@ -197,12 +202,9 @@ def decode_lean(data: Item) -> dict[str, Any] | None:
         message: dict[str, Any] = _fields_decoder.decode(data)  # type: ignore[assignment]
     except (msgspec.DecodeError, RecursionError):
         return None
-    get = message.get
-    if TIME_KEY in message or not _ids_as_sent(
-            get("messageId"), (get("userId"), get("anonymousId"), get("previousId"),
-                               get("groupId"))):
+    if TIME_KEY in message or "messageId" not in message:
         return None
-    context = get("context")
+    context = message.get("context")
     if context is not None:
         # The Raw is a view into ``data``, which the message keeps anyway: no copy.
         is_object = memoryview(context)[0] == _OPEN_BRACE
