@@ -92,6 +92,19 @@ class TestDedup:
         assert len(dedup) <= window + window / 8 + 2
         assert dedup.claim("k", ["id-0"], 200.0, row=0) == [True]
 
+    def test_ids_spread_over_every_shard_and_each_is_found_in_its_own(self) -> None:
+        dedup = Dedup(window=60)
+        ids = [f"message-{n}" for n in range(5000)]
+        assert dedup.claim("k", ids, 0.0, row=1) == [True] * len(ids)
+        assert all(dedup._gens[0].shards), "a shard got no id: the low bits are not spread"
+        assert dedup.claim("k", ids, 1.0, row=2) == [False] * len(ids)
+        dedup.release("k", ids[::2])
+        assert dedup.claim("k", ids, 2.0, row=3) == [n % 2 == 0 for n in range(len(ids))]
+        restored = Dedup(window=60)
+        restored.restore("k", ids, 0.0, row=1)
+        assert len(restored) == len(ids)
+        assert restored.claim("k", ids, 1.0, row=2) == [False] * len(ids)
+
     def test_expire_names_the_rows_to_delete(self) -> None:
         dedup = Dedup(window=8.0)  # slices of 1 s
         dedup.claim("k", ["a"], 0.0, row=1)
