@@ -135,6 +135,39 @@ class TestLanes:
         assert [n for request in ok for n in request] == list(range(400))
 
 
+    async def test_commands_answered_retry_go_again_alone_and_every_row_retires(
+            self, store: st.Store) -> None:
+        # Rows of 50 commands for one customer; each request spans rows. Every third
+        # command of the first request is answered retry: its rows stay partly final.
+        requests: list[list[int]] = []
+
+        def answer(request: httpx.Request) -> httpx.Response:
+            commands = json.loads(request.content)["commands"]
+            numbers = [c["data"]["properties"]["n"] for c in commands]
+            first = not requests
+            requests.append(numbers)
+            results = [{"status": "retry" if first and i % 3 == 0 else "ok"}
+                       for i in range(len(numbers))]
+            return httpx.Response(200, json={"results": results})
+
+        send = sender(store, Recorder(), lanes=1)
+        send.transport = httpx.MockTransport(answer)
+        made = rows([1] * 120, 1, st.SeqCounter())
+        await commit(store, made)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(send.run)
+            for row in made:
+                send.offer(row)
+            with trio.fail_after(10):
+                await send.wait_idle()
+            nursery.cancel_scope.cancel()
+        retried = requests[0][::3]
+        assert sorted(n for request in requests[1:] for n in request) == sorted(
+            set(range(120)) - set(requests[0]) | set(retried))
+        assert await store.call(lambda c: c.execute("SELECT COUNT(*) FROM outbox").fetchone())\
+            == (0,)
+
+
 class TestIdle:
     """Every waiter on ``wait_idle`` wakes once the lanes are done, not only the last one."""
 
