@@ -119,7 +119,7 @@ def merge_shared(item: dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]
 
 # A generation's hashes are dealt over this many sets by their low bits. One set of
 # millions of ids doubles its table in one go, rehashing every id while the event
-# loop waits (45-80 ms at 2 million); a shard's resize moves 1/16 of that. More
+# loop waits (42-57 ms at 1.6-2 million); a shard's resize moves 1/16 of that. More
 # shards would stay under 50,000 ids longer, where a set grows its table fourfold
 # instead of twofold: 64 of them cost 60-90 MB more at 2 million ids.
 SHARDS = 16
