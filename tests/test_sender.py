@@ -4,6 +4,7 @@ fake Infinario and an in-memory spool of outbox rows."""
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 
 import httpx
 import trio
@@ -81,6 +82,20 @@ async def commit(store: st.Store, made: list[outbox.OutboxRow]) -> None:
     await store.call(lambda conn: outbox.insert(conn, records))
 
 
+async def deliver(store: st.Store, send: Sender, made: list[outbox.OutboxRow],
+                  until: Callable[[], Awaitable[object]] | None = None) -> None:
+    """Commit ``made``, offer it to a running ``send`` and wait until ``until`` returns
+    (by default, until every row is retired)."""
+    await commit(store, made)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(send.run)
+        for row in made:
+            send.offer(row)
+        with trio.fail_after(10):
+            await (until or send.wait_idle)()
+        nursery.cancel_scope.cancel()
+
+
 def sender(store: st.Store, infinario: Recorder, *, lanes: int, window: int = 500,
            spool: Spool | None = None) -> Sender:
     return Sender(backlog=outbox.SqliteBacklog(store), dialect=Legacy(),
@@ -152,15 +167,7 @@ class TestLanes:
 
         send = sender(store, Recorder(), lanes=1)
         send.transport = httpx.MockTransport(answer)
-        made = rows([1] * 120, 1, st.SeqCounter())
-        await commit(store, made)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(send.run)
-            for row in made:
-                send.offer(row)
-            with trio.fail_after(10):
-                await send.wait_idle()
-            nursery.cancel_scope.cancel()
+        await deliver(store, send, rows([1] * 120, 1, st.SeqCounter()))
         retried = requests[0][::3]
         assert sorted(n for request in requests[1:] for n in request) == sorted(
             set(range(120)) - set(requests[0]) | set(retried))
@@ -208,15 +215,7 @@ class TestClose:
             return infinario.handler(request)
 
         send.transport = httpx.MockTransport(answer_then_close)
-        made = rows([1] * 3, 1, st.SeqCounter())
-        await commit(store, made)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(send.run)
-            for row in made:
-                send.offer(row)
-            with trio.fail_after(5):
-                await send.finished.wait()
-            nursery.cancel_scope.cancel()
+        await deliver(store, send, rows([1] * 3, 1, st.SeqCounter()), until=send.finished.wait)
         assert infinario.requests == [[0, 1, 2]]
         assert await store.call(lambda c: c.execute("SELECT COUNT(*) FROM outbox").fetchone())\
             == (0,)
