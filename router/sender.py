@@ -424,22 +424,16 @@ class Sender:
             self.metrics.inc("dead_letters_total", reason=fate)
             log.error("command dead-lettered", status=fate, reason=reason,
                       type=command.event_type, kind=command.kind)
-            self._finalize(lane, row, index)
+        self._finalize_many(lane, batch, [position for position, _, _ in decided.dead])
         self._answers_ready.set()
         if decided.backoff:
             await self._backoff(lane, decided.delay)
         else:
             lane.failures = 0
 
-    def _finalize(self, lane: Lane, row: OutboxRow, position: int) -> None:
-        row.final[position] = 1
-        row.remaining -= 1
-        lane.pending -= 1
-        self._settle(lane, row)
-
     def _finalize_many(self, lane: Lane, batch: list[tuple[OutboxRow, int]],
                        positions: list[int]) -> None:
-        """``_finalize`` for each of ``positions``, settling each row once.
+        """Mark the commands at ``positions`` (ascending) final, settling each row once.
 
         ``_take`` builds a request row by row, so a row's commands are next to
         each other: it is settled when the next row starts, and the last at the end.
